@@ -1,0 +1,37 @@
+# datared: two commands for an instructor.
+#   make book   build the tutorial website from freshly executed notebooks (_build/html)
+#   make test   lint, unit tests, chapter tests against the sample night's truth, book build
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install sample book test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# Generate the simulated night where config.py's data_dir points, unless it exists.
+sample: $(STAMP)
+	$(BIN)/python -m datared.simulate --if-missing
+
+book: sample
+	$(BIN)/jupyter-book build . -W -n --keep-going
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/nbqa ruff notebooks
+
+test: lint sample
+	$(BIN)/python -m pytest
+
+bench: sample
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf _build work

@@ -1,0 +1,143 @@
+"""Settings for one observing night: the only file a student edits to use their own data.
+
+Every notebook starts with ``import config``. Importing this module has no side effects:
+it creates no folder and reads no file. Call :func:`make_work_dirs` to create the output
+folders.
+
+Two environment variables override the two paths without editing this file:
+
+``DATARED_DATA_DIR``
+    Folder with the raw frames of the night (read only: nothing is ever written there).
+``DATARED_WORK_DIR``
+    Folder where every chapter writes its outputs.
+
+The chapter "Adapting the book to your telescope" (``book/adapting.md``) explains each
+setting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# ---------------------------------------------------------------------------------------
+# 1. Where the data are and where the outputs go
+# ---------------------------------------------------------------------------------------
+
+#: Folder of this file (the repository root).
+repo_dir = Path(__file__).resolve().parent
+
+#: Which simulated night to use when no real night is configured: "small" (sub-frame,
+#: fast, for the book and CI) or "full" (full 4788x3194 frames, for benchmarks).
+sample_preset = "small"
+
+#: Random seed of the simulated night (the same seed gives byte-identical files).
+sample_seed = 20240215
+
+
+def _default_cache_dir() -> Path:
+    """Per-user cache folder for the sample night (``~/.cache/datared`` on Linux)."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA", str(Path.home() / "AppData" / "Local"))
+    elif base is None and os.uname().sysname == "Darwin":
+        base = str(Path.home() / "Library" / "Caches")
+    return Path(base or Path.home() / ".cache") / "datared"
+
+
+#: Cache for downloads and the generated sample night.
+cache_dir = Path(os.environ.get("DATARED_CACHE_DIR", _default_cache_dir()))
+
+#: Raw frames of the night. Default: the built-in simulated night in the cache.
+data_dir = Path(
+    os.environ.get("DATARED_DATA_DIR", cache_dir / f"sample-night-{sample_preset}")
+).expanduser()
+
+#: Outputs of every chapter (master frames, calibrated frames, catalogues, figures).
+work_dir = Path(os.environ.get("DATARED_WORK_DIR", repo_dir / "work")).expanduser()
+
+#: Sub-folders of ``data_dir`` that hold no raw frames and are never scanned for them.
+ignored_data_subdirs = ("truth", "catalogs")
+
+# ---------------------------------------------------------------------------------------
+# 2. FITS header keywords (NINA's names) and image-type values
+# ---------------------------------------------------------------------------------------
+
+imagetyp_key = "IMAGETYP"
+filter_key = "FILTER"
+exptime_key = "EXPTIME"
+date_key = "DATE-OBS"
+object_key = "OBJECT"
+xbinning_key = "XBINNING"
+ybinning_key = "YBINNING"
+airmass_key = "AIRMASS"
+ra_key = "RA"  # the mount's pointing, degrees
+dec_key = "DEC"  # the mount's pointing, degrees
+pierside_key = "PIERSIDE"
+
+#: Values of ``imagetyp_key`` for each kind of frame. Other software writes e.g.
+#: "Bias Frame", "Dark Frame", "Flat Field", "Light Frame": put those here.
+imagetyp = {"bias": "BIAS", "dark": "DARK", "flat": "FLAT", "light": "LIGHT"}
+
+# ---------------------------------------------------------------------------------------
+# 3. The instrument: 35 cm corrected Dall-Kirkham, f = 2563 mm, QHY600M binned 2x2
+# ---------------------------------------------------------------------------------------
+
+telescope = "35 cm corrected Dall-Kirkham"
+focal_length_mm = 2563.0
+aperture_mm = 350.0
+camera = "QHY600M"
+unbinned_pixel_um = 3.76
+binning = 2
+#: Pixel scale of the binned frames, arcsec per pixel (206.265 * 7.52 um / 2563 mm).
+pixel_scale_arcsec = 0.605
+#: Nominal gain, electrons per ADU.
+gain_e_per_adu = 0.85
+#: Nominal read noise, electrons (binned pixel).
+read_noise_e = 3.6
+#: Level above which a pixel counts as saturated or non-linear, ADU.
+saturation_adu = 60000.0
+#: Overscan and trim sections in FITS notation, e.g. "[4789:4800, 1:3194]"; None if the
+#: camera has none (CMOS cameras usually have none).
+overscan_section: str | None = None
+trim_section: str | None = None
+#: Filters of the night, as written in the FILTER keyword.
+filters = ["g", "r", "i"]
+
+#: Observatory (Bonn): latitude and longitude in degrees, height in metres.
+site = {"name": "Bonn", "lat_deg": 50.7275, "lon_deg": 7.0706, "height_m": 60.0}
+
+# ---------------------------------------------------------------------------------------
+# 4. Targets of the night, reference catalogues, isochrones
+# ---------------------------------------------------------------------------------------
+
+#: Targets, keyed by the OBJECT header value. Coordinates ICRS, degrees.
+targets = {
+    "M37": {"kind": "cluster", "ra_deg": 88.074, "dec_deg": 32.545, "filters": ["g", "r", "i"]},
+    "WASP-104": {"kind": "transit", "ra_deg": 160.6025, "dec_deg": 7.4350, "filters": ["r"]},
+}
+
+#: Reference catalogues: "sample" reads ``data_dir/catalogs/*.ecsv`` shipped with the
+#: simulated night; "online" queries VizieR (ATLAS-REFCAT2) and Gaia DR3 and caches the
+#: answers in ``cache_dir``.
+reference_catalog = "sample"
+
+#: Astrometry backend: "python" (pure Python, pip only) or "astrometry.net" (solve-field).
+astrometry_backend = "python"
+
+#: Isochrones for the CMD chapter: "uwastro465isos" (PARSEC SDSS isochrones from PyPI).
+isochrone_source = "uwastro465isos"
+
+# ---------------------------------------------------------------------------------------
+# 5. Resources
+# ---------------------------------------------------------------------------------------
+
+#: Memory budget for combining frames (bytes).
+combine_memory_budget = 2_000_000_000
+
+
+def make_work_dirs() -> Path:
+    """Create ``work_dir`` and its sub-folders if missing; return ``work_dir``."""
+    for sub in ("", "LIGHT_PRERED", "ASTROMETRY", "PHOTOMETRY", "figures"):
+        (work_dir / sub).mkdir(parents=True, exist_ok=True)
+    return work_dir

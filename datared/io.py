@@ -1,0 +1,98 @@
+"""Finding the frames of a night, checking prerequisites and logging skipped frames."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from astropy.table import Table
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz")
+
+
+class MissingInputError(FileNotFoundError):
+    """An input that an earlier chapter (or the data) should have provided is missing."""
+
+
+def find_fits(data_dir: str | Path, ignored_subdirs: Iterable[str] = ("truth", "catalogs")) -> list[Path]:
+    """Return all FITS files below ``data_dir`` (sorted), skipping ``ignored_subdirs``."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise MissingInputError(
+            f"{data_dir}: the data folder does not exist. Set data_dir in config.py (or the "
+            "DATARED_DATA_DIR environment variable) to a folder of FITS frames, or run "
+            "notebooks/01-data.ipynb to generate the sample night."
+        )
+    ignored = set(ignored_subdirs)
+    files = []
+    for path in sorted(data_dir.rglob("*")):
+        rel = path.relative_to(data_dir)
+        if rel.parts and rel.parts[0] in ignored:
+            continue
+        if path.is_file() and path.name.lower().endswith(FITS_SUFFIXES):
+            files.append(path)
+    return files
+
+
+def night_collection(data_dir: str | Path, keywords: Iterable[str] | None = None,
+                     ignored_subdirs: Iterable[str] = ("truth", "catalogs")):
+    """An ``ImageFileCollection`` of every raw frame below ``data_dir`` (all sub-folders).
+
+    Parameters
+    ----------
+    data_dir : folder of the night (read only).
+    keywords : header keywords to put in the summary table (default: all).
+    ignored_subdirs : top-level sub-folders that hold no raw frames.
+    """
+    from ccdproc import ImageFileCollection
+
+    data_dir = Path(data_dir)
+    files = find_fits(data_dir, ignored_subdirs)
+    if not files:
+        raise MissingInputError(
+            f"{data_dir}: no FITS files found. Point data_dir in config.py at a night of frames "
+            "or run notebooks/01-data.ipynb to generate the sample night."
+        )
+    rel = [str(f.relative_to(data_dir)) for f in files]
+    with warnings.catch_warnings():
+        # Acquisition software often writes non-standard header cards; astropy fixes them.
+        from astropy.io.fits.verify import VerifyWarning
+
+        warnings.simplefilter("ignore", VerifyWarning)
+        return ImageFileCollection(location=str(data_dir), filenames=rel,
+                                   keywords=list(keywords) if keywords is not None else "*")
+
+
+def require(path: str | Path, chapter: str) -> Path:
+    """Return ``path`` if it exists, else raise an error naming the chapter that makes it."""
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        raise MissingInputError(
+            f"{path} is missing. It is written by notebooks/{chapter}.ipynb: run that chapter "
+            "first (with the same config.py and DATARED_WORK_DIR)."
+        )
+    return path
+
+
+@dataclass
+class SkipLog:
+    """Collects the frames a loop skipped and why, for a summary table at the end."""
+
+    step: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def skip(self, file: str | Path, reason: str, quiet: bool = False) -> None:
+        """Record that ``file`` was skipped because of ``reason`` and say so."""
+        self.skipped.append((Path(file).name, reason))
+        if not quiet:
+            print(f"Skipped {Path(file).name}: {reason}")
+
+    def __len__(self) -> int:
+        return len(self.skipped)
+
+    def table(self) -> Table:
+        """The skipped frames as a table with columns ``file`` and ``reason``."""
+        return Table(rows=self.skipped or None, names=("file", "reason"),
+                     dtype=(str, str))
