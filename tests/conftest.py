@@ -83,6 +83,17 @@ class BookRun:
     html_dir: Path | None
     returncode: int
     log: str
+    raw_checksums_before: dict[str, str]
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file below ``folder``, keyed by relative path."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -90,11 +101,12 @@ def book_run(night_dir) -> BookRun:
     """Build the book once with execution into a fresh work folder (see module doc)."""
     reuse = os.environ.get("DATARED_TEST_WORK_DIR")
     if reuse:
-        return BookRun(Path(reuse), None, 0, "reused " + reuse)
+        return BookRun(Path(reuse), None, 0, "reused " + reuse, checksums(night_dir))
     work = REPO / ".cache" / "test-work"
     build = REPO / ".cache" / "test-build"
     for path in (work, build):
         shutil.rmtree(path, ignore_errors=True)
+    before = checksums(night_dir)
     env = dict(os.environ, DATARED_WORK_DIR=str(work), DATARED_DATA_DIR=str(night_dir))
     jb = Path(sys.executable).with_name("jupyter-book")
     proc = subprocess.run(
@@ -104,7 +116,7 @@ def book_run(night_dir) -> BookRun:
     log = proc.stdout + proc.stderr
     (REPO / ".cache").mkdir(exist_ok=True)
     (REPO / ".cache" / "test-build.log").write_text(log)
-    return BookRun(work, build / "_build" / "html", proc.returncode, log)
+    return BookRun(work, build / "_build" / "html", proc.returncode, log, before)
 
 
 @pytest.fixture(scope="session")
