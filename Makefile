@@ -25,7 +25,6 @@ book: sample
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/nbqa ruff notebooks
 
 test: lint sample
 	$(BIN)/python -m pytest

@@ -46,7 +46,7 @@ def _default_cache_dir() -> Path:
 
 
 #: Cache for downloads and the generated sample night.
-cache_dir = Path(os.environ.get("DATARED_CACHE_DIR", _default_cache_dir()))
+cache_dir = Path(os.environ.get("DATARED_CACHE_DIR", _default_cache_dir())).expanduser()
 
 #: Raw frames of the night. Default: the built-in simulated night in the cache.
 data_dir = Path(
@@ -134,6 +134,16 @@ isochrone_source = "uwastro465isos"
 
 #: Memory budget for combining frames (bytes).
 combine_memory_budget = 2_000_000_000
+
+#: Pre-reduction options (chapter 02). Clean cosmic rays from every calibrated science
+#: frame with L.A.Cosmic (slow on full frames; the chapter always shows it on a cut-out).
+clean_cosmic_rays = False
+#: Write a per-pixel uncertainty extension (CCD noise equation) with each calibrated frame
+#: (doubles the size of every calibrated frame on disk and in memory).
+write_uncertainty = False
+#: Photometry (chapter 04): aperture radii in arcsec. Catalogue columns name each radius
+#: with a "p" for the decimal point: 3.0 arcsec -> sum_3p0, sum_err_3p0, max_3p0, back_sum_3p0.
+aperture_radii_arcsec = [2.0, 3.0, 4.0, 6.0]
 
 
 def make_work_dirs() -> Path:

@@ -37,16 +37,22 @@ def find_fits(data_dir: str | Path, ignored_subdirs: Iterable[str] = ("truth", "
 
 
 def night_collection(data_dir: str | Path, keywords: Iterable[str] | None = None,
-                     ignored_subdirs: Iterable[str] = ("truth", "catalogs")):
+                     ignored_subdirs: Iterable[str] | None = None):
     """An ``ImageFileCollection`` of every raw frame below ``data_dir`` (all sub-folders).
 
     Parameters
     ----------
     data_dir : folder of the night (read only).
     keywords : header keywords to put in the summary table (default: all).
-    ignored_subdirs : top-level sub-folders that hold no raw frames.
+    ignored_subdirs : top-level sub-folders that hold no raw frames (default:
+        ``config.ignored_data_subdirs``).
     """
     from ccdproc import ImageFileCollection
+
+    if ignored_subdirs is None:
+        import config
+
+        ignored_subdirs = config.ignored_data_subdirs
 
     data_dir = Path(data_dir)
     files = find_fits(data_dir, ignored_subdirs)
