@@ -1,0 +1,961 @@
+"""Pre-reduction machinery: memory-budgeted combines, master frames, bad pixels, calibration.
+
+The notebook ``02-pre-reduction`` shows each step on the data; this module holds the parts
+that are not the lesson: reading raw frames robustly, staging processed frames on disk so
+that a combine of any number of full-size frames stays under a memory budget, choosing a
+master dark for an exposure time, building a bad-pixel mask and calibrating science frames
+quickly and identically to the plain ``ccdproc`` recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy import units as u
+from astropy.io import fits
+from astropy.io.fits.verify import VerifyWarning
+from astropy.nddata import CCDData, StdDevUncertainty
+from astropy.stats import mad_std
+from astropy.table import Table
+from astropy.wcs import FITSFixedWarning
+
+from datared.io import SkipLog
+
+#: Bits of the bad-pixel mask written to ``badpixels.fits``.
+BAD_HOT = 1  # dark current far above the typical pixel (from the master dark)
+BAD_LOW_RESPONSE = 2  # dead or weak pixel (flat response far below its neighbours)
+BAD_HIGH_RESPONSE = 4  # over-responsive pixel (flat response far above its neighbours)
+BAD_PIXEL_BITS = {BAD_HOT: "hot", BAD_LOW_RESPONSE: "low response", BAD_HIGH_RESPONSE: "high response"}
+
+#: Errors that make one frame unusable without stopping a loop.
+FRAME_ERRORS = (OSError, ValueError, KeyError, TypeError, u.UnitsError)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading frames
+# ---------------------------------------------------------------------------------------
+
+def _read_primary(path: Path) -> tuple[np.ndarray, fits.Header]:
+    """Return the first image array and its header (primary header merged in)."""
+    with warnings.catch_warnings():
+        # Acquisition software writes non-standard cards that astropy repairs on read.
+        warnings.simplefilter("ignore", VerifyWarning)
+        with fits.open(path, memmap=False) as hdul:
+            for hdu in hdul:
+                if hdu.data is not None and hdu.is_image:
+                    header = hdu.header.copy()
+                    if hdu is not hdul[0]:
+                        header.extend(hdul[0].header, unique=True)
+                    return np.asarray(hdu.data), header
+    raise ValueError(f"{path}: no image data in any HDU. Remove the file from the night folder.")
+
+
+def section_slices(section: str) -> tuple[slice, slice]:
+    """Numpy slices (rows, columns) of a FITS section string like ``"[1:100, 5:20]"``.
+
+    Parameters
+    ----------
+    section : FITS notation, 1-based and inclusive, columns (x) first.
+    """
+    text = section.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        raise ValueError(f"{section!r} is not a FITS section; write it like '[1:4788, 1:3194]'.")
+    parts = [p.strip() for p in text[1:-1].split(",")]
+    if len(parts) != 2:
+        raise ValueError(f"{section!r}: a FITS section needs two ranges, columns then rows.")
+    bounds = []
+    for part in parts:
+        lo, _, hi = part.partition(":")
+        lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
+        if lo_i < 1 or hi_i < lo_i:
+            raise ValueError(f"{section!r}: ranges must be 1-based and increasing.")
+        bounds.append(slice(lo_i - 1, hi_i))
+    return bounds[1], bounds[0]
+
+
+def overscan_and_trim(ccd: CCDData, overscan_section: str | None = None,
+                      trim_section: str | None = None) -> CCDData:
+    """Subtract the overscan (median per row or column) and trim, when the sections are set.
+
+    Parameters
+    ----------
+    ccd : frame in ADU.
+    overscan_section : FITS section of the overscan region, or None to skip.
+    trim_section : FITS section of the light-sensitive region to keep, or None to skip.
+    """
+    import ccdproc
+
+    if overscan_section:
+        ccd = ccdproc.subtract_overscan(ccd, fits_section=overscan_section, median=True,
+                                        overscan_axis=None)
+    if trim_section:
+        ccd = ccdproc.trim_image(ccd, fits_section=trim_section)
+    return ccd
+
+
+def read_frame(path: str | Path, overscan_section: str | None = None,
+               trim_section: str | None = None) -> CCDData:
+    """Read a raw frame as float32 ``CCDData`` in ADU (overscan-subtracted and trimmed if set).
+
+    Parameters
+    ----------
+    path : FITS file (read only).
+    overscan_section, trim_section : FITS sections or None (see :func:`overscan_and_trim`).
+    """
+    path = Path(path)
+    try:
+        data, header = _read_primary(path)
+    except OSError as err:
+        raise OSError(f"{path}: cannot be read as FITS ({err}). Replace or remove the file.") from err
+    for key in ("BZERO", "BSCALE", "BUNIT"):
+        header.remove(key, ignore_missing=True)
+    ccd = CCDData(data.astype(np.float32), unit="adu", meta=header)
+    if overscan_section or trim_section:
+        ccd = overscan_and_trim(ccd, overscan_section, trim_section)
+        ccd.data = ccd.data.astype(np.float32, copy=False)
+    return ccd
+
+
+def _paths_by_name(collection) -> dict[str, list[Path]]:
+    """Absolute paths of a collection's files, keyed by file name."""
+    by_name: dict[str, list[Path]] = {}
+    for rel in collection.files:
+        path = Path(collection.location) / rel
+        by_name.setdefault(path.name, []).append(path)
+    return by_name
+
+
+def frames_of_type(collection, imagetyp_key: str, imagetyp_value: str,
+                   **keyword_values) -> list[Path]:
+    """Absolute paths of the frames of one image type (and other header values) in a collection.
+
+    Parameters
+    ----------
+    collection : ``ccdproc.ImageFileCollection`` (e.g. ``datared.io.night_collection``).
+    imagetyp_key : header keyword of the image type (``config.imagetyp_key``).
+    imagetyp_value : its value for the wanted frames (``config.imagetyp["flat"]``).
+    keyword_values : further keyword=value filters (e.g. ``FILTER="r"``); values match
+        case-insensitively as in ``ImageFileCollection.files_filtered``.
+    """
+    if collection.summary is None or len(collection.summary) == 0:
+        return []
+    if imagetyp_key.lower() not in collection.summary.colnames:
+        return []
+    filters = {imagetyp_key: imagetyp_value, **keyword_values}
+    # files_filtered answers with bare file names (the collection spans sub-folders), so map
+    # them back to paths; a name present in two sub-folders is resolved by its header.
+    by_name = _paths_by_name(collection)
+    wanted = str(imagetyp_value).strip().lower()
+    paths = []
+    for name in collection.files_filtered(**filters):
+        candidates = by_name.get(str(name), [])
+        if len(candidates) > 1:
+            candidates = [p for p in candidates
+                          if str(fits.getval(p, imagetyp_key)).strip().lower() == wanted]
+        paths.extend(candidates)
+    return sorted(set(paths))
+
+
+def unreadable_files(collection) -> list[Path]:
+    """Files of a collection whose header could not be read (absent from its summary)."""
+    summary_names = set() if collection.summary is None else set(collection.summary["file"])
+    return sorted(path for name, paths in _paths_by_name(collection).items()
+                  for path in paths if name not in summary_names)
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------
+
+def central_box(shape: tuple[int, int], fraction: float = 0.8) -> tuple[slice, slice]:
+    """Slices of the central ``fraction`` (per axis) of an image of ``shape`` (rows, columns)."""
+    ny, nx = shape
+    my, mx = int(round(ny * (1 - fraction) / 2)), int(round(nx * (1 - fraction) / 2))
+    return slice(my, ny - my), slice(mx, nx - mx)
+
+
+def robust_level_noise(data: np.ndarray, step: int = 1) -> tuple[float, float]:
+    """Median and robust standard deviation (MAD-based) of an image, in its units.
+
+    Parameters
+    ----------
+    data : image.
+    step : use every ``step``-th pixel along each axis (faster on full frames).
+    """
+    sample = np.asarray(data[::step, ::step], dtype=np.float64)
+    return float(np.median(sample)), float(mad_std(sample))
+
+
+def frame_statistics(paths: Iterable[str | Path], exptime_key: str = "EXPTIME",
+                     overscan_section: str | None = None, trim_section: str | None = None,
+                     step: int = 2, progress: bool = True) -> Table:
+    """Level and noise of each frame: file, exposure time (s), median (ADU), robust std (ADU).
+
+    Parameters
+    ----------
+    paths : raw frames.
+    exptime_key : header keyword of the exposure time in seconds.
+    overscan_section, trim_section : see :func:`read_frame`.
+    step : pixel sampling step for the statistics.
+    progress : show a progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    rows = []
+    for path in tqdm(list(paths), desc="statistics", disable=not progress):
+        try:
+            ccd = read_frame(path, overscan_section, trim_section)
+        except FRAME_ERRORS as err:
+            print(f"Skipped {Path(path).name}: {err}")
+            continue
+        level, noise = robust_level_noise(ccd.data, step)
+        rows.append((Path(path).name, float(ccd.header.get(exptime_key, np.nan)), level, noise))
+    table = Table(rows=rows or None, names=("file", "exptime_s", "median_adu", "std_adu"),
+                  dtype=(str, float, float, float))
+    for name in ("median_adu", "std_adu"):
+        table[name].format = ".2f"
+    return table
+
+
+def read_noise_from_pair(first: np.ndarray, second: np.ndarray) -> float:
+    """Read noise (ADU) of one frame from the difference of two bias frames: std(a-b)/sqrt(2)."""
+    diff = np.asarray(first, dtype=np.float64) - np.asarray(second, dtype=np.float64)
+    return float(mad_std(diff) / np.sqrt(2.0))
+
+
+# ---------------------------------------------------------------------------------------
+# Memory-budgeted combine
+# ---------------------------------------------------------------------------------------
+
+def process_memory() -> int:
+    """Resident memory of this Python process now, bytes."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def combine_mem_limit(shape: tuple[int, int], memory_budget: float, dtype=np.float32,
+                      in_use: float | None = None, safety: float = 0.8) -> float:
+    """The ``mem_limit`` (bytes) to give ``ccdproc.combine`` so that the process stays in budget.
+
+    ``mem_limit`` only bounds ccdproc's stack of tiles. The memory the process already uses
+    (a notebook holding other masters, figures...), the combined result (data, uncertainty,
+    mask) and the frames read while tiling come on top: they are subtracted, and a safety
+    factor covers the temporary copies made by the clipping.
+
+    Parameters
+    ----------
+    shape : image shape (rows, columns).
+    memory_budget : bytes the whole process may use during the combine.
+    dtype : working dtype of the combine.
+    in_use : bytes the process already uses (default: measured now).
+    safety : fraction of the remaining memory handed to ccdproc.
+    """
+    pixels = int(np.prod(shape))
+    itemsize = np.dtype(dtype).itemsize
+    # result data + uncertainty + mask, the template frame as read and as converted, and one
+    # more frame read while tiling.
+    fixed = pixels * (2 * itemsize + 1 + 3 * 4)
+    in_use = process_memory() if in_use is None else in_use
+    limit = safety * (memory_budget - fixed - in_use)
+    if limit < pixels * itemsize:  # less than one frame's worth of tiles: hopelessly slow
+        raise MemoryError(
+            f"combine memory budget {memory_budget / 1e9:.2f} GB is too small for {shape} "
+            f"frames while the process already uses {in_use / 1e9:.2f} GB: raise "
+            f"config.combine_memory_budget to at least "
+            f"{(fixed + in_use + 10 * pixels * itemsize) / 1e9:.2f} GB."
+        )
+    return float(limit)
+
+
+def combine_files(paths: Iterable[str | Path], memory_budget: float,
+                  method: str = "average", sigma_low: float = 5.0, sigma_high: float = 5.0,
+                  dtype=np.float32) -> CCDData:
+    """Sigma-clipped combine of FITS files with ``ccdproc.combine``, tiled to fit a memory budget.
+
+    Pixels further than ``sigma_low``/``sigma_high`` robust standard deviations (MAD) from the
+    per-pixel median of the stack are rejected before averaging.
+
+    Parameters
+    ----------
+    paths : float32 FITS files in ADU (e.g. staged by :func:`stage_frames`).
+    memory_budget : bytes allowed for the combine (``config.combine_memory_budget``).
+    method : "average" or "median".
+    sigma_low, sigma_high : clipping thresholds in robust standard deviations.
+    dtype : working dtype of the combine.
+    """
+    import ccdproc
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise ValueError("combine_files: no frames to combine.")
+    header = fits.getheader(paths[0])
+    shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+    mem_limit = combine_mem_limit(shape, memory_budget, dtype)
+    ccdproc_log = logging.getLogger("astropy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VerifyWarning)
+        # ccdproc reads each staged file with CCDData.read, which builds a WCS from the raw
+        # header and warns that it derived MJD-OBS from DATE-OBS: harmless, frames have no WCS.
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        level = ccdproc_log.level
+        ccdproc_log.setLevel(logging.WARNING)  # silence "splitting each image into N chunks"
+        try:
+            combined = ccdproc.combine(
+                paths,
+                method=method,
+                mem_limit=mem_limit,
+                sigma_clip=True,
+                sigma_clip_low_thresh=sigma_low,
+                sigma_clip_high_thresh=sigma_high,
+                sigma_clip_func="median",
+                sigma_clip_dev_func="mad_std",
+                dtype=dtype,
+                unit="adu",
+            )
+        finally:
+            ccdproc_log.setLevel(level)
+    combined.data = combined.data.astype(np.float32, copy=False)
+    combined.meta["NCOMBINE"] = len(paths)
+    return combined
+
+
+def stage_frames(paths: Iterable[str | Path], scratch_dir: str | Path,
+                 process: Callable[[CCDData], CCDData], skip_log: SkipLog,
+                 check: Callable[[CCDData], str | None] | None = None,
+                 overscan_section: str | None = None, trim_section: str | None = None,
+                 desc: str = "staging") -> list[Path]:
+    """Read, process and write frames as float32 files in ``scratch_dir``; return their paths.
+
+    Writing processed frames to disk lets ``ccdproc.combine`` read them tile by tile, so
+    memory does not grow with the number of frames. A frame that cannot be read, or that
+    ``check`` rejects (it returns a reason), is skipped and recorded in ``skip_log``.
+
+    Parameters
+    ----------
+    paths : raw frames (read only).
+    scratch_dir : folder for the staged frames (inside the work folder).
+    process : function from a raw frame (ADU) to the processed frame to combine.
+    skip_log : where skipped frames and reasons are recorded.
+    check : optional function returning a reason to skip a raw frame, or None.
+    overscan_section, trim_section : see :func:`read_frame`.
+    desc : progress-bar label.
+    """
+    from tqdm.auto import tqdm
+
+    scratch_dir = Path(scratch_dir)
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    staged = []
+    for path in tqdm(list(paths), desc=desc):
+        path = Path(path)
+        try:
+            ccd = read_frame(path, overscan_section, trim_section)
+            reason = check(ccd) if check is not None else None
+            if reason:
+                skip_log.skip(path, reason)
+                continue
+            ccd = process(ccd)
+        except FRAME_ERRORS as err:
+            skip_log.skip(path, f"cannot be used ({err})")
+            continue
+        out = scratch_dir / path.name
+        header = ccd.header.copy()
+        header["BUNIT"] = "adu"
+        fits.writeto(out, np.asarray(ccd.data, dtype=np.float32), header, overwrite=True)
+        staged.append(out)
+    return staged
+
+
+def remove_scratch(scratch_dir: str | Path) -> None:
+    """Delete a scratch folder made by :func:`stage_frames` (no error if absent)."""
+    shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Darks and flats
+# ---------------------------------------------------------------------------------------
+
+def exptime_label(exptime: float) -> str:
+    """Exposure time as used in file names: 300.0 -> '300', 0.5 -> '0.5'."""
+    return f"{float(exptime):g}"
+
+
+def master_dark_name(exptime: float, n_exptimes: int) -> str:
+    """File name of a master dark: ``masterdark.fits`` if the night has one dark exposure time,
+    else ``masterdark_<exptime>s.fits``.
+
+    Parameters
+    ----------
+    exptime : exposure time of the master dark, s.
+    n_exptimes : number of distinct dark exposure times in the night.
+    """
+    return "masterdark.fits" if n_exptimes == 1 else f"masterdark_{exptime_label(exptime)}s.fits"
+
+
+def group_by_exptime(paths: Iterable[str | Path], exptime_key: str = "EXPTIME",
+                     decimals: int = 3) -> dict[float, list[Path]]:
+    """Frames grouped by exposure time (s, rounded to ``decimals``), longest first."""
+    groups: dict[float, list[Path]] = {}
+    for path in paths:
+        exptime = round(float(fits.getval(path, exptime_key)), decimals)
+        groups.setdefault(exptime, []).append(Path(path))
+    return dict(sorted(groups.items(), reverse=True))
+
+
+def choose_dark(dark_exptimes: Iterable[float], exptime: float,
+                tolerance: float = 1e-3) -> tuple[float | None, bool]:
+    """Which master dark to use for a frame of ``exptime`` seconds, and whether to scale it.
+
+    A master dark of the same exposure time is used as it is (it also matches any
+    non-linear dark signal, e.g. amplifier glow). Otherwise the longest master dark is
+    scaled by the ratio of exposure times: dark current grows linearly with time and the
+    longest dark has the best signal-to-noise (scaling it down also scales its noise down).
+
+    Parameters
+    ----------
+    dark_exptimes : exposure times of the available master darks, s.
+    exptime : exposure time of the frame to calibrate, s.
+    tolerance : largest difference counted as the same exposure time, s.
+
+    Returns
+    -------
+    (dark exposure time or None if there is no dark, True if the dark must be scaled)
+    """
+    available = sorted(float(t) for t in dark_exptimes)
+    if not available:
+        return None, False
+    for dark_exptime in available:
+        if abs(dark_exptime - exptime) <= tolerance:
+            return dark_exptime, False
+    return available[-1], True
+
+
+def flat_level_problem(ccd: CCDData, saturation_adu: float, max_fraction: float = 0.8,
+                       min_level_adu: float = 1000.0, step: int = 4) -> str | None:
+    """Why a raw flat is unusable (too bright for the linear range, or too faint), or None.
+
+    Parameters
+    ----------
+    ccd : raw flat, ADU.
+    saturation_adu : saturation / non-linearity level of the camera, ADU.
+    max_fraction : highest accepted median level as a fraction of ``saturation_adu``.
+    min_level_adu : lowest accepted median level, ADU (fainter flats add noise, not signal).
+    step : pixel sampling step for the median.
+    """
+    level = float(np.median(ccd.data[::step, ::step]))
+    if level > max_fraction * saturation_adu:
+        return (f"median level {level:.0f} ADU is above {max_fraction:.0%} of saturation "
+                f"({saturation_adu:.0f} ADU): the camera is not linear there")
+    if level < min_level_adu:
+        return f"median level {level:.0f} ADU is below {min_level_adu:.0f} ADU: too faint"
+    return None
+
+
+def normalise_by_median(ccd: CCDData, step: int = 1) -> CCDData:
+    """Divide a frame by its median (so that a master flat has median 1)."""
+    median = float(np.median(ccd.data[::step, ::step]))
+    if not np.isfinite(median) or median <= 0:
+        raise ValueError(f"median {median} is not positive: cannot normalise the flat")
+    ccd.data = (ccd.data / np.float32(median)).astype(np.float32, copy=False)
+    ccd.header["FLATMED"] = (median, "median before normalisation, ADU")
+    return ccd
+
+
+def normalise_master_flat(master_flat: CCDData, step: int = 1) -> CCDData:
+    """Divide a combined flat by its own median again (median exactly 1)."""
+    median = float(np.median(master_flat.data[::step, ::step]))
+    master_flat.data = (master_flat.data / np.float32(median)).astype(np.float32)
+    return master_flat
+
+
+# ---------------------------------------------------------------------------------------
+# Bad pixels
+# ---------------------------------------------------------------------------------------
+
+def large_scale(image: np.ndarray, box: int = 32) -> np.ndarray:
+    """Smooth large-scale version of ``image``: median of ``box``x``box`` blocks, interpolated back.
+
+    Parameters
+    ----------
+    image : 2-D image.
+    box : block size, pixels.
+    """
+    from scipy.ndimage import zoom
+
+    ny, nx = image.shape
+    by, bx = ny // box, nx // box
+    if by == 0 or bx == 0:
+        return np.full(image.shape, float(np.median(image)))
+    blocks = np.asarray(image[: by * box, : bx * box], dtype=np.float64).reshape(by, box, bx, box)
+    medians = np.median(blocks, axis=(1, 3))
+    return zoom(medians, (ny / by, nx / bx), order=1, mode="nearest", grid_mode=True)
+
+
+def hot_pixels(dark_rate: np.ndarray, nsigma: float = 10.0) -> np.ndarray:
+    """Pixels whose dark current (ADU/s) is ``nsigma`` robust deviations above the median.
+
+    Parameters
+    ----------
+    dark_rate : master dark divided by its exposure time, ADU/s.
+    nsigma : threshold in robust standard deviations.
+    """
+    median, noise = robust_level_noise(dark_rate)
+    return dark_rate > median + nsigma * max(noise, np.finfo(np.float32).tiny)
+
+
+def flat_response_outliers(master_flat: np.ndarray, low: float = 0.8, high: float = 1.2,
+                           box: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels whose flat response is below ``low`` or above ``high`` times their neighbourhood.
+
+    Parameters
+    ----------
+    master_flat : normalised master flat (dimensionless).
+    low, high : accepted range of response relative to the large-scale flat.
+    box : block size of the large-scale flat, pixels.
+    """
+    relative = master_flat / large_scale(master_flat, box)
+    return relative < low, relative > high
+
+
+def bad_pixel_mask(shape: tuple[int, int], dark_rate: np.ndarray | None = None,
+                   master_flats: Iterable[np.ndarray] = (), hot_nsigma: float = 10.0,
+                   low: float = 0.8, high: float = 1.2) -> np.ndarray:
+    """Bad-pixel mask (uint8 bit flags: 1 hot, 2 low response, 4 high response).
+
+    Parameters
+    ----------
+    shape : image shape (rows, columns).
+    dark_rate : master dark current, ADU/s, or None if the night has no darks.
+    master_flats : normalised master flats (any filter).
+    hot_nsigma : hot-pixel threshold (see :func:`hot_pixels`).
+    low, high : flat-response range (see :func:`flat_response_outliers`).
+    """
+    mask = np.zeros(shape, dtype=np.uint8)
+    if dark_rate is not None:
+        mask[hot_pixels(dark_rate, hot_nsigma)] |= BAD_HOT
+    for flat in master_flats:
+        weak, strong = flat_response_outliers(flat, low, high)
+        mask[weak] |= BAD_LOW_RESPONSE
+        mask[strong] |= BAD_HIGH_RESPONSE
+    return mask
+
+
+def count_bad_pixels(mask: np.ndarray) -> Table:
+    """Number of pixels flagged for each reason in a bit-flag mask."""
+    rows = [(name, int(np.count_nonzero(mask & bit))) for bit, name in BAD_PIXEL_BITS.items()]
+    rows.append(("any", int(np.count_nonzero(mask))))
+    return Table(rows=rows, names=("reason", "pixels"))
+
+
+# ---------------------------------------------------------------------------------------
+# Uncertainty and cosmic rays
+# ---------------------------------------------------------------------------------------
+
+def noise_equation_adu(signal_adu: np.ndarray, gain_e_per_adu: float,
+                       read_noise_e: float) -> np.ndarray:
+    """Per-pixel uncertainty (ADU) of a bias-subtracted frame from the CCD noise equation.
+
+    sigma = sqrt(gain * S + RN**2) / gain, with S the signal (sky, stars and dark current)
+    in ADU; negative signals count as zero.
+
+    Parameters
+    ----------
+    signal_adu : bias-subtracted signal, ADU.
+    gain_e_per_adu : gain, electrons per ADU.
+    read_noise_e : read noise, electrons.
+    """
+    electrons = np.clip(np.asarray(signal_adu, dtype=np.float32), 0, None) * np.float32(gain_e_per_adu)
+    return (np.sqrt(electrons + np.float32(read_noise_e) ** 2) / np.float32(gain_e_per_adu)).astype(np.float32)
+
+
+def clean_cosmic_rays(ccd: CCDData, gain_e_per_adu: float, read_noise_e: float,
+                      saturation_adu: float, sigclip: float = 5.0) -> CCDData:
+    """L.A.Cosmic (astroscrappy through ccdproc) on a calibrated frame; data stay in ADU.
+
+    Cosmic-ray pixels are replaced by an estimate from their neighbours and added to the mask.
+
+    Parameters
+    ----------
+    ccd : calibrated frame, ADU.
+    gain_e_per_adu : gain, electrons per ADU.
+    read_noise_e : read noise, electrons.
+    saturation_adu : saturation level, ADU (L.A.Cosmic takes it in electrons).
+    sigclip : detection threshold of L.A.Cosmic, in standard deviations.
+    """
+    import ccdproc
+
+    cleaned = ccdproc.cosmicray_lacosmic(
+        ccd, sigclip=sigclip, gain=gain_e_per_adu * u.electron / u.adu,
+        readnoise=read_noise_e * u.electron, satlevel=saturation_adu * gain_e_per_adu,
+        gain_apply=False,
+    )
+    cleaned.data = np.asarray(cleaned.data, dtype=np.float32)
+    # ccdproc multiplies the unit by the gain's unit even when gain_apply=False; the data
+    # are still in ADU.
+    cleaned.unit = u.adu
+    return cleaned
+
+
+# ---------------------------------------------------------------------------------------
+# Calibrating science frames
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Calibration:
+    """Master frames (float32 arrays in memory, read once) used to calibrate science frames.
+
+    Attributes
+    ----------
+    bias : master bias, ADU.
+    darks : bias-subtracted master darks keyed by exposure time (s), ADU.
+    flats : median-normalised master flats keyed by filter name.
+    bad_pixels : uint8 bad-pixel mask (0 = good), or None.
+    """
+
+    bias: np.ndarray
+    darks: dict[float, np.ndarray] = field(default_factory=dict)
+    flats: dict[str, np.ndarray] = field(default_factory=dict)
+    bad_pixels: np.ndarray | None = None
+    _offsets: dict[float, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def offset(self, exptime: float) -> np.ndarray:
+        """Bias plus dark signal (ADU) for ``exptime`` seconds, computed once per exposure time."""
+        key = round(float(exptime), 3)
+        if key not in self._offsets:
+            dark_exptime, scale = choose_dark(self.darks, key)
+            if dark_exptime is None:
+                offset = self.bias
+            elif scale:
+                offset = self.bias + self.darks[dark_exptime] * np.float32(key / dark_exptime)
+            else:
+                offset = self.bias + self.darks[dark_exptime]
+            self._offsets[key] = np.asarray(offset, dtype=np.float32)
+        return self._offsets[key]
+
+    def dark_note(self, exptime: float) -> str:
+        """How the dark is handled for ``exptime`` seconds, for headers and summaries."""
+        dark_exptime, scale = choose_dark(self.darks, exptime)
+        if dark_exptime is None:
+            return "no dark subtracted (no dark frames)"
+        name = master_dark_name(dark_exptime, len(self.darks))
+        if scale:
+            return f"dark {name} scaled {exptime_label(dark_exptime)} s -> {exptime_label(exptime)} s"
+        return f"dark {name} ({exptime_label(dark_exptime)} s, same exposure)"
+
+
+def calibrate_frame(path: str | Path, calibration: Calibration, filter_key: str = "FILTER",
+                    exptime_key: str = "EXPTIME", saturation_adu: float | None = None,
+                    overscan_section: str | None = None, trim_section: str | None = None,
+                    gain_e_per_adu: float | None = None, read_noise_e: float | None = None,
+                    with_uncertainty: bool = False) -> CCDData:
+    """Calibrate one raw science frame: bias, dark (matched or scaled) and flat of its filter.
+
+    The result is float32 ADU with the raw header, HISTORY cards of each step, and a mask of
+    bad pixels plus pixels at or above ``saturation_adu`` in the raw frame.
+
+    Parameters
+    ----------
+    path : raw LIGHT frame (read only).
+    calibration : master frames.
+    filter_key, exptime_key : header keywords of the filter and exposure time (s).
+    saturation_adu : raw level above which pixels are masked as saturated, or None.
+    overscan_section, trim_section : see :func:`read_frame`.
+    gain_e_per_adu, read_noise_e : needed only with ``with_uncertainty`` (electrons/ADU, e-).
+    with_uncertainty : attach a per-pixel uncertainty from the CCD noise equation.
+    """
+    path = Path(path)
+    raw = read_frame(path, overscan_section, trim_section)
+    header = raw.header
+    if filter_key not in header:
+        raise KeyError(f"no {filter_key} keyword in the header; add it or fix config.filter_key")
+    band = str(header[filter_key]).strip()
+    if band not in calibration.flats:
+        raise KeyError(f"no master flat for filter {band!r}: take flats in that filter")
+    exptime = float(header[exptime_key])
+    flat = calibration.flats[band]
+    if raw.data.shape != flat.shape:
+        raise ValueError(f"shape {raw.data.shape} differs from the master frames' {flat.shape} "
+                         "(binning or sub-frame changed?)")
+    mask = (calibration.bad_pixels > 0 if calibration.bad_pixels is not None
+            else np.zeros(flat.shape, dtype=bool))
+    if saturation_adu is not None:
+        mask |= raw.data >= saturation_adu
+    uncertainty = None
+    if with_uncertainty:
+        if gain_e_per_adu is None or read_noise_e is None:
+            raise ValueError("with_uncertainty needs gain_e_per_adu and read_noise_e")
+        signal = raw.data - calibration.bias
+        sigma = noise_equation_adu(signal, gain_e_per_adu, read_noise_e) / flat
+        uncertainty = StdDevUncertainty(sigma.astype(np.float32), unit="adu")
+    # raw.data is a float32 array of our own (read_frame made it): calibrate it in place.
+    data = raw.data
+    np.subtract(data, calibration.offset(exptime), out=data)
+    np.divide(data, flat, out=data)
+    header["BUNIT"] = "adu"
+    header["HISTORY"] = "datared 02-pre-reduction: bias subtracted (masterbias.fits)"
+    header["HISTORY"] = "datared 02-pre-reduction: " + calibration.dark_note(exptime)
+    header["HISTORY"] = f"datared 02-pre-reduction: flat-fielded (masterflat_{band}.fits)"
+    header["HISTORY"] = "datared 02-pre-reduction: bad and saturated pixels in MASK extension"
+    return CCDData(data, unit="adu", meta=header, mask=mask, uncertainty=uncertainty)
+
+
+def write_frame(ccd: CCDData, path: str | Path) -> Path:
+    """Write a calibrated frame: float32 primary image, MASK (uint8) and UNCERT extensions if set."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ccd.data = np.asarray(ccd.data, dtype=np.float32)
+    ccd.write(path, overwrite=True, hdu_mask="MASK", hdu_uncertainty="UNCERT")
+    return path
+
+
+def write_master(ccd: CCDData | np.ndarray, path: str | Path,
+                 header: fits.Header | Mapping | None = None,
+                 history: Iterable[str] = ()) -> Path:
+    """Write a master frame as a float32 (or uint8 for masks) primary image with HISTORY cards.
+
+    Parameters
+    ----------
+    ccd : master frame (its uncertainty and mask are not written) or an array.
+    path : output file in the work folder (overwritten).
+    header : header to use (default: the CCDData's).
+    history : HISTORY lines to add.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = ccd.data if isinstance(ccd, CCDData) else np.asarray(ccd)
+    if header is None:
+        header = ccd.meta if isinstance(ccd, CCDData) else fits.Header()
+    header = header.copy() if isinstance(header, fits.Header) else fits.Header(dict(header))
+    for key in ("BZERO", "BSCALE"):
+        header.remove(key, ignore_missing=True)
+    if data.dtype != np.uint8:
+        data = np.asarray(data, dtype=np.float32)
+        header["BUNIT"] = header.get("BUNIT", "adu")
+    for line in history:
+        header["HISTORY"] = line
+    fits.PrimaryHDU(data, header).writeto(path, overwrite=True)
+    return path
+
+
+def read_master(path: str | Path) -> CCDData:
+    """Read a master frame written by :func:`write_master` as float32 ``CCDData``."""
+    data, header = _read_primary(Path(path))
+    unit = header.get("BUNIT", "adu") or "adu"
+    return CCDData(data.astype(np.float32), unit=unit, meta=header)
+
+
+def summary_table(frames_in: Mapping[str, int], frames_done: Mapping[str, int],
+                  skip_logs: Mapping[str, SkipLog]) -> Table:
+    """Per step: frames in, frames used or calibrated, frames skipped, and the reasons.
+
+    Parameters
+    ----------
+    frames_in : number of raw frames per step (e.g. ``{"bias": 21, ...}``).
+    frames_done : number of frames used or calibrated per step.
+    skip_logs : skip log per step.
+    """
+    rows = []
+    for step, n_in in frames_in.items():
+        log = skip_logs.get(step)
+        reasons = sorted({reason for _, reason in log.skipped}) if log else []
+        rows.append((step, int(n_in), int(frames_done.get(step, 0)), len(log) if log else 0,
+                     "; ".join(reasons)))
+    return Table(rows=rows or None, names=("step", "frames in", "used/calibrated", "skipped",
+                                           "why skipped"),
+                 dtype=(str, int, int, int, str))
+
+
+# ---------------------------------------------------------------------------------------
+# Building the masters and calibrating a night (each step used by the chapter)
+# ---------------------------------------------------------------------------------------
+
+def build_master_bias(paths: Iterable[str | Path], scratch_dir: str | Path,
+                      memory_budget: float, overscan_section: str | None = None,
+                      trim_section: str | None = None) -> tuple[CCDData, SkipLog]:
+    """Sigma-clipped average of the bias frames (ADU) and the log of skipped frames.
+
+    Parameters
+    ----------
+    paths : raw bias frames.
+    scratch_dir : temporary folder for staged frames (removed afterwards).
+    memory_budget : bytes allowed for the combine.
+    overscan_section, trim_section : see :func:`read_frame`.
+    """
+    log = SkipLog("bias")
+    try:
+        staged = stage_frames(paths, scratch_dir, lambda ccd: ccd, log,
+                              overscan_section=overscan_section, trim_section=trim_section,
+                              desc="bias")
+        if not staged:
+            raise ValueError("no usable bias frames: the night needs BIAS frames "
+                             "(see the skipped frames above)")
+        return combine_files(staged, memory_budget), log
+    finally:
+        remove_scratch(scratch_dir)
+
+
+def build_master_darks(paths: Iterable[str | Path], master_bias: np.ndarray,
+                       scratch_dir: str | Path, memory_budget: float,
+                       exptime_key: str = "EXPTIME", overscan_section: str | None = None,
+                       trim_section: str | None = None) -> tuple[dict[float, CCDData], SkipLog]:
+    """Bias-subtracted, sigma-clipped master darks, one per exposure time (s, longest first).
+
+    Parameters
+    ----------
+    paths : raw dark frames.
+    master_bias : master bias, ADU.
+    scratch_dir : temporary folder for staged frames (removed afterwards).
+    memory_budget : bytes allowed for each combine.
+    exptime_key : header keyword of the exposure time in seconds.
+    overscan_section, trim_section : see :func:`read_frame`.
+    """
+    log = SkipLog("dark")
+    readable = []
+    for path in paths:
+        try:
+            fits.getval(path, exptime_key)
+            readable.append(path)
+        except FRAME_ERRORS as err:
+            log.skip(path, f"no usable {exptime_key} ({err})")
+    import ccdproc
+
+    masters: dict[float, CCDData] = {}
+    bias = CCDData(np.asarray(master_bias, dtype=np.float32), unit="adu")
+    for exptime, group in group_by_exptime(readable, exptime_key).items():
+        scratch = Path(scratch_dir) / f"dark_{exptime_label(exptime)}s"
+        try:
+            staged = stage_frames(group, scratch, lambda ccd: ccdproc.subtract_bias(ccd, bias), log,
+                                  overscan_section=overscan_section, trim_section=trim_section,
+                                  desc=f"darks {exptime_label(exptime)} s")
+            if staged:
+                master = combine_files(staged, memory_budget)
+                master.header[exptime_key] = exptime
+                masters[exptime] = master
+        finally:
+            remove_scratch(scratch)
+    return masters, log
+
+
+def build_master_flat(paths: Iterable[str | Path], calibration: Calibration,
+                      scratch_dir: str | Path, memory_budget: float, saturation_adu: float,
+                      exptime_key: str = "EXPTIME", overscan_section: str | None = None,
+                      trim_section: str | None = None) -> tuple[CCDData | None, SkipLog]:
+    """Master flat of one filter: bias- and dark-subtracted flats, each divided by its median,
+    sigma-clipped average, normalised to median 1. None if no flat is usable.
+
+    Parameters
+    ----------
+    paths : raw flat frames of one filter.
+    calibration : master bias and darks (its ``offset`` gives bias + dark for a time).
+    scratch_dir : temporary folder for staged frames (removed afterwards).
+    memory_budget : bytes allowed for the combine.
+    saturation_adu : saturation level used to reject over-exposed flats, ADU.
+    exptime_key : header keyword of the exposure time in seconds.
+    overscan_section, trim_section : see :func:`read_frame`.
+    """
+    log = SkipLog("flat")
+
+    def process(ccd: CCDData) -> CCDData:
+        offset = calibration.offset(float(ccd.header[exptime_key]))
+        ccd.data = ccd.data - offset
+        return normalise_by_median(ccd)
+
+    try:
+        staged = stage_frames(paths, scratch_dir, process, log,
+                              check=lambda ccd: flat_level_problem(ccd, saturation_adu),
+                              overscan_section=overscan_section, trim_section=trim_section,
+                              desc="flats")
+        if not staged:
+            return None, log
+        master = normalise_master_flat(combine_files(staged, memory_budget))
+    finally:
+        remove_scratch(scratch_dir)
+    return master, log
+
+
+def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_dir: str | Path,
+                     filter_key: str = "FILTER", exptime_key: str = "EXPTIME",
+                     saturation_adu: float | None = None, overscan_section: str | None = None,
+                     trim_section: str | None = None, gain_e_per_adu: float | None = None,
+                     read_noise_e: float | None = None, with_uncertainty: bool = False,
+                     cosmic_rays: bool = False) -> tuple[Table, SkipLog]:
+    """Calibrate every science frame into ``out_dir/<raw file name>``; skip and log bad ones.
+
+    Parameters
+    ----------
+    paths : raw LIGHT frames (read only).
+    calibration : master frames.
+    out_dir : output folder (``work_dir/LIGHT_PRERED``).
+    filter_key, exptime_key : header keywords of the filter and the exposure time (s).
+    saturation_adu : raw level masked as saturated, ADU.
+    overscan_section, trim_section : see :func:`read_frame`.
+    gain_e_per_adu, read_noise_e : gain (e-/ADU) and read noise (e-) for uncertainties and
+        cosmic-ray cleaning.
+    with_uncertainty : write an UNCERT extension (CCD noise equation).
+    cosmic_rays : clean cosmic rays with L.A.Cosmic (and mask them).
+
+    Returns
+    -------
+    (table of calibrated frames with the steps applied, skip log)
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = SkipLog("light")
+    rows = []
+    for path in tqdm(list(paths), desc="calibrating"):
+        path = Path(path)
+        try:
+            ccd = calibrate_frame(path, calibration, filter_key, exptime_key, saturation_adu,
+                                  overscan_section, trim_section, gain_e_per_adu,
+                                  read_noise_e, with_uncertainty)
+            n_cosmic = 0
+            if cosmic_rays:
+                before = ccd.mask.copy()
+                ccd = clean_cosmic_rays(ccd, gain_e_per_adu, read_noise_e,
+                                        saturation_adu or np.inf)
+                n_cosmic = int(np.count_nonzero(ccd.mask & ~before))
+                ccd.header["HISTORY"] = (f"datared 02-pre-reduction: {n_cosmic} cosmic-ray "
+                                         "pixels cleaned (L.A.Cosmic) and masked")
+            write_frame(ccd, out_dir / path.name)
+        except FRAME_ERRORS as err:
+            log.skip(path, str(err))
+            continue
+        exptime = float(ccd.header[exptime_key])
+        rows.append((path.name, str(ccd.header[filter_key]), exptime,
+                     calibration.dark_note(exptime), int(np.count_nonzero(ccd.mask)), n_cosmic))
+    table = Table(rows=rows or None,
+                  names=("file", "filter", "exptime_s", "dark", "masked_pixels", "cosmic_pixels"),
+                  dtype=(str, str, float, str, int, int))
+    return table, log
+
+
+def write_master_darks(master_darks: Mapping[float, CCDData], work_dir: str | Path,
+                       exptime_key: str = "EXPTIME") -> list[Path]:
+    """Write master darks with :func:`master_dark_name` names; remove stale ones first.
+
+    Parameters
+    ----------
+    master_darks : bias-subtracted master darks keyed by exposure time, s.
+    work_dir : output folder.
+    exptime_key : header keyword of the exposure time in seconds.
+    """
+    work_dir = Path(work_dir)
+    for old in work_dir.glob("masterdark*.fits"):
+        old.unlink()
+    paths = []
+    for exptime, master in master_darks.items():
+        header = master.header.copy()
+        header[exptime_key] = exptime
+        paths.append(write_master(master, work_dir / master_dark_name(exptime, len(master_darks)),
+                                  header=header,
+                                  history=[f"datared: bias-subtracted master dark, {exptime:g} s, "
+                                           f"{master.header.get('NCOMBINE', '?')} frames"]))
+    return paths

@@ -1,0 +1,432 @@
+"""Unit tests of datared.reduction on small synthetic frames and a synthetic mini night."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import ccdproc
+import numpy as np
+import pytest
+from astropy import units as u
+from astropy.io import fits
+from astropy.nddata import CCDData
+
+from datared import reduction as red
+from datared.io import SkipLog, night_collection
+
+SHAPE = (48, 64)
+HOT = [(5, 7), (30, 50), (40, 12)]  # true hot pixels (row, column)
+DEAD = (20, 33)  # a pixel with 30 % response
+BIAS_LEVEL = 500.0
+DARK_RATE = 0.05  # ADU/s everywhere but the hot pixels
+HOT_RATE = 20.0  # ADU/s
+READ_NOISE_ADU = 3.0
+GAIN = 1.5  # e-/ADU
+BIG = 1e9  # a memory budget that never tiles
+
+
+def true_flat(band: str) -> np.ndarray:
+    """Smooth vignetting with a different tilt per filter and one dead pixel."""
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    tilt = {"g": 0.002, "r": -0.0015, "z": 0.001}[band]
+    flat = 1.0 + tilt * (xx - SHAPE[1] / 2) - 0.00005 * ((yy - 24) ** 2)
+    flat[DEAD] *= 0.3
+    return flat / np.median(flat)
+
+
+def true_bias() -> np.ndarray:
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    return BIAS_LEVEL + 0.2 * xx + 3.0 * np.sin(yy / 5.0)
+
+
+def true_dark_rate() -> np.ndarray:
+    rate = np.full(SHAPE, DARK_RATE)
+    for pixel in HOT:
+        rate[pixel] = HOT_RATE
+    return rate
+
+
+def write_raw(path: Path, data: np.ndarray, **header) -> Path:
+    """Write a NINA-like raw frame (uint16, BZERO 32768)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hdu = fits.PrimaryHDU(np.clip(np.round(data), 0, 65535).astype(np.uint16))
+    for key, value in header.items():
+        hdu.header[key.replace("_", "-")] = value
+    hdu.writeto(path, overwrite=True)
+    return path
+
+
+def make_night(root: Path, darks: bool = True, flat_bands=("g", "r"), light_bands=("g", "r"),
+               seed: int = 1) -> Path:
+    """A mini night: 7 biases, 7 darks (60 s), 7 flats per filter (2 s), 2 lights per filter."""
+    rng = np.random.default_rng(seed)
+    bias, rate = true_bias(), true_dark_rate()
+
+    def noisy(signal):
+        electrons = rng.poisson(np.clip(signal, 0, None) * GAIN) / GAIN
+        return bias + electrons + rng.normal(0, READ_NOISE_ADU, SHAPE)
+
+    common = {"XBINNING": 2, "YBINNING": 2, "GAIN": 100, "OFFSET": 30}
+    for i in range(7):
+        write_raw(root / "BIAS" / f"bias_{i:03d}.fits", noisy(np.zeros(SHAPE)),
+                  IMAGETYP="BIAS", EXPTIME=0.0, FILTER="r", **common)
+    if darks:
+        for i in range(7):
+            write_raw(root / "DARK" / f"dark_{i:03d}.fits", noisy(rate * 60.0),
+                      IMAGETYP="DARK", EXPTIME=60.0, FILTER="r", **common)
+    for band in flat_bands:
+        for i in range(7):
+            level = 20000.0 + 1000.0 * i  # twilight flats at changing levels
+            write_raw(root / "FLAT" / f"flat_{band}_{i:03d}.fits",
+                      noisy(level * true_flat(band) + rate * 2.0),
+                      IMAGETYP="FLAT", EXPTIME=2.0, FILTER=band, **common)
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    star = 30000.0 * np.exp(-((yy - 24) ** 2 + (xx - 30) ** 2) / (2 * 2.0**2))
+    for band in light_bands:
+        for i in range(2):
+            sky = np.full(SHAPE, 300.0) + star
+            write_raw(root / "LIGHT" / f"M37_{band}_{i:03d}.fits",
+                      noisy(sky * true_flat(band) + rate * 30.0),
+                      IMAGETYP="LIGHT", EXPTIME=30.0, FILTER=band, OBJECT="M37",
+                      DATE_OBS=f"2024-02-15T20:0{i}:00", AIRMASS=1.1, RA=88.07, DEC=32.5,
+                      PIERSIDE="West", **common)
+    return root
+
+
+def sha256s(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def reduce_mini_night(night: Path, work: Path):
+    """The chapter's sequence on a mini night; returns masters, tables and skip logs."""
+    collection = night_collection(night)
+    bias_files = red.frames_of_type(collection, "IMAGETYP", "BIAS")
+    dark_files = red.frames_of_type(collection, "IMAGETYP", "DARK")
+    light_files = red.frames_of_type(collection, "IMAGETYP", "LIGHT")
+    master_bias, bias_log = red.build_master_bias(bias_files, work / "scratch", BIG)
+    master_darks, dark_log = red.build_master_darks(dark_files, master_bias.data,
+                                                    work / "scratch", BIG)
+    calibration = red.Calibration(bias=master_bias.data,
+                                  darks={t: d.data for t, d in master_darks.items()})
+    flat_logs = {}
+    for band in ("g", "r", "z"):
+        flat_files = red.frames_of_type(collection, "IMAGETYP", "FLAT", FILTER=band)
+        if not flat_files:
+            continue
+        master_flat, flat_logs[band] = red.build_master_flat(flat_files, calibration,
+                                                             work / "scratch", BIG, 60000.0)
+        if master_flat is not None:
+            calibration.flats[band] = master_flat.data
+    rate = None
+    if master_darks:
+        longest = max(master_darks)
+        rate = master_darks[longest].data / longest
+    calibration.bad_pixels = red.bad_pixel_mask(SHAPE, rate, calibration.flats.values())
+    table, light_log = red.calibrate_lights(light_files, calibration, work / "LIGHT_PRERED",
+                                            saturation_adu=60000.0)
+    return calibration, table, light_log, {"bias": bias_log, "dark": dark_log, **flat_logs}
+
+
+# ---------------------------------------------------------------------------------------
+# Combining
+# ---------------------------------------------------------------------------------------
+
+def write_stack(folder: Path, n: int = 5, outlier: float | None = 1e5) -> list[Path]:
+    rng = np.random.default_rng(3)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        data = (100.0 + rng.normal(0, 1.0, SHAPE)).astype(np.float32)
+        if outlier is not None and i == 2:
+            data[10, 10] = outlier  # a cosmic ray in one frame
+        path = folder / f"frame_{i}.fits"
+        fits.writeto(path, data, fits.Header({"BUNIT": "adu", "EXPTIME": 1.0}), overwrite=True)
+        paths.append(path)
+    return paths
+
+
+def test_sigma_clipping_really_removes_an_outlier(tmp_path):
+    paths = write_stack(tmp_path)
+    combined = red.combine_files(paths, BIG)
+    # The outlier adds 1e5/5 = 2e4 ADU to a plain average; clipped, the pixel is ~100.
+    assert abs(combined.data[10, 10] - 100.0) < 3.0
+    assert combined.data.dtype == np.float32
+    # With five frames a standard-deviation clip cannot reject anything (the largest
+    # possible deviation is (n-1)/sqrt(n) = 1.8 sigma): only the MAD-based deviation
+    # function that combine_files passes makes the rejection happen. If that keyword were
+    # misspelled, ccdproc would silently use its default and the pixel would stay high.
+    default = ccdproc.combine([str(p) for p in paths], sigma_clip=True,
+                              sigma_clip_low_thresh=5, sigma_clip_high_thresh=5, unit="adu")
+    assert default.data[10, 10] > 1e4
+
+
+def test_combine_tiles_give_the_same_result(tmp_path, monkeypatch):
+    paths = write_stack(tmp_path, n=6)
+    whole = red.combine_files(paths, BIG)
+    tiles = []
+    original = ccdproc.combiner.Combiner
+
+    class CountingCombiner(original):
+        def __init__(self, *args, **kwargs):
+            tiles.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ccdproc.combiner, "Combiner", CountingCombiner)
+    # Leave 20 kB for the stack of tiles: ccdproc must split the frames into strips.
+    monkeypatch.setattr(red, "combine_mem_limit", lambda *args, **kwargs: 20_000.0)
+    tiled = red.combine_files(paths, BIG)
+    assert len(tiles) > 4
+    np.testing.assert_allclose(tiled.data, whole.data, rtol=1e-6)
+
+
+def test_combine_mem_limit_leaves_room_for_the_process():
+    shape = (3194, 4788)
+    roomy = red.combine_mem_limit(shape, 2e9, in_use=0.3e9)
+    crowded = red.combine_mem_limit(shape, 2e9, in_use=1.0e9)
+    assert 0 < crowded < roomy < 2e9 - 0.3e9
+    assert roomy - crowded == pytest.approx(0.8 * 0.7e9)
+    with pytest.raises(MemoryError, match="combine_memory_budget"):
+        red.combine_mem_limit(shape, 1e9, in_use=0.8e9)
+
+
+# ---------------------------------------------------------------------------------------
+# Sections, darks, flats, bad pixels, noise
+# ---------------------------------------------------------------------------------------
+
+def test_section_slices():
+    rows, cols = red.section_slices("[5:10, 1:3]")
+    assert (rows, cols) == (slice(0, 3), slice(4, 10))
+    with pytest.raises(ValueError, match="FITS section"):
+        red.section_slices("5:10, 1:3")
+
+
+def test_overscan_and_trim(tmp_path):
+    data = np.full((20, 30), 1000.0)
+    data[:, :25] += 50.0  # light-sensitive part; columns 26-30 are overscan
+    data += np.arange(20)[:, None] * 2.0  # a bias level varying with the row
+    path = write_raw(tmp_path / "raw.fits", data, IMAGETYP="LIGHT", EXPTIME=1.0)
+    ccd = red.read_frame(path, overscan_section="[26:30, 1:20]", trim_section="[1:25, 1:20]")
+    assert ccd.data.shape == (20, 25)
+    assert ccd.data.dtype == np.float32
+    np.testing.assert_allclose(ccd.data, 50.0, atol=0.6)
+
+
+def test_choose_dark_matches_or_scales_the_longest():
+    assert red.choose_dark([10.0, 60.0, 300.0], 60.0) == (60.0, False)
+    assert red.choose_dark([10.0, 300.0], 120.0) == (300.0, True)
+    assert red.choose_dark([], 120.0) == (None, False)
+
+
+def test_master_dark_names():
+    assert red.master_dark_name(300.0, 1) == "masterdark.fits"
+    assert red.master_dark_name(300.0, 2) == "masterdark_300s.fits"
+    assert red.master_dark_name(0.5, 3) == "masterdark_0.5s.fits"
+
+
+def test_calibration_offset_scales_the_dark():
+    bias = np.full(SHAPE, 100.0, dtype=np.float32)
+    dark = np.full(SHAPE, 30.0, dtype=np.float32)  # 300 s of dark
+    cal = red.Calibration(bias=bias, darks={300.0: dark})
+    np.testing.assert_allclose(cal.offset(300.0), 130.0)
+    np.testing.assert_allclose(cal.offset(60.0), 106.0)
+    assert "scaled" in cal.dark_note(60.0)
+    assert "no dark" in red.Calibration(bias=bias).dark_note(60.0)
+
+
+def test_flat_level_problem():
+    frame = CCDData(np.full(SHAPE, 55000.0, dtype=np.float32), unit="adu")
+    assert "saturation" in red.flat_level_problem(frame, 60000.0)
+    frame.data[:] = 300.0
+    assert "too faint" in red.flat_level_problem(frame, 60000.0)
+    frame.data[:] = 25000.0
+    assert red.flat_level_problem(frame, 60000.0) is None
+
+
+def test_bad_pixel_mask_finds_hot_and_dead_pixels():
+    rng = np.random.default_rng(5)
+    rate = true_dark_rate() + rng.normal(0, 0.01, SHAPE)
+    flat = true_flat("g") * (1 + rng.normal(0, 0.005, SHAPE))
+    flat[3, 3] = 1.6  # over-responsive
+    mask = red.bad_pixel_mask(SHAPE, rate, [flat])
+    assert mask.dtype == np.uint8
+    assert {tuple(p) for p in np.argwhere(mask & red.BAD_HOT)} == set(HOT)
+    assert {tuple(p) for p in np.argwhere(mask & red.BAD_LOW_RESPONSE)} == {DEAD}
+    assert {tuple(p) for p in np.argwhere(mask & red.BAD_HIGH_RESPONSE)} == {(3, 3)}
+    counts = red.count_bad_pixels(mask)
+    assert counts["pixels"][list(counts["reason"]).index("any")] == 5
+
+
+def test_large_scale_follows_a_gradient():
+    yy, xx = np.mgrid[:128, :160]
+    image = 1.0 + 0.001 * xx + 0.002 * yy
+    image[50, 50] = 10.0
+    smooth = red.large_scale(image, box=16)
+    assert smooth.shape == image.shape
+    assert np.max(np.abs(smooth - (1.0 + 0.001 * xx + 0.002 * yy))[16:-16, 16:-16]) < 0.01
+
+
+def test_noise_equation():
+    sigma = red.noise_equation_adu(np.array([0.0, 10000.0, -50.0]), GAIN, 4.5)
+    np.testing.assert_allclose(sigma, [3.0, np.sqrt(10000 * GAIN + 4.5**2) / GAIN, 3.0],
+                               rtol=1e-6)
+
+
+def test_cosmic_ray_cleaning_keeps_adu():
+    rng = np.random.default_rng(7)
+    data = (500.0 + rng.normal(0, np.sqrt(500 / GAIN), (64, 64))).astype(np.float32)
+    data[30, 30] += 5000.0  # a one-pixel cosmic-ray hit
+    ccd = CCDData(data, unit="adu", mask=np.zeros(data.shape, bool))
+    cleaned = red.clean_cosmic_rays(ccd, GAIN, READ_NOISE_ADU * GAIN, 60000.0)
+    assert cleaned.mask[30, 30]
+    assert abs(cleaned.data[30, 30] - 500.0) < 100.0
+    assert abs(np.median(cleaned.data) - 500.0) < 5.0  # still ADU, not electrons
+    assert cleaned.data.dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------
+# Science frames and whole mini nights
+# ---------------------------------------------------------------------------------------
+
+def test_calibrate_frame_equals_the_ccdproc_recipe(tmp_path):
+    night = make_night(tmp_path / "night", flat_bands=("g",), light_bands=("g",))
+    rng = np.random.default_rng(2)
+    bias = (true_bias() + rng.normal(0, 0.5, SHAPE)).astype(np.float32)
+    dark = (true_dark_rate() * 60.0).astype(np.float32)
+    flat = true_flat("g").astype(np.float32)
+    cal = red.Calibration(bias=bias, darks={60.0: dark}, flats={"g": flat})
+    light = sorted((night / "LIGHT").glob("*.fits"))[0]
+    ours = red.calibrate_frame(light, cal, saturation_adu=60000.0)
+
+    raw = CCDData.read(light, unit="adu")
+    step = ccdproc.subtract_bias(raw, CCDData(bias, unit="adu"))
+    step = ccdproc.subtract_dark(step, CCDData(dark, unit="adu", meta={"EXPTIME": 60.0}),
+                                 exposure_time="EXPTIME", exposure_unit=u.s, scale=True)
+    step = ccdproc.flat_correct(step, CCDData(flat, unit="adu"), norm_value=1.0)
+    np.testing.assert_allclose(ours.data, step.data, rtol=1e-5, atol=1e-3)
+    assert ours.header["OBJECT"] == "M37" and ours.header["BUNIT"] == "adu"
+    assert "scaled 60 s -> 30 s" in str(ours.header["HISTORY"])
+
+
+def test_mini_night_against_its_truth(tmp_path):
+    night = make_night(tmp_path / "night")
+    before = sha256s(night)
+    cal, table, light_log, logs = reduce_mini_night(night, tmp_path / "work")
+    assert sha256s(night) == before  # raw data untouched
+    assert len(light_log) == 0 and len(table) == 4
+    assert not (tmp_path / "work" / "scratch").exists()
+
+    # A clipped average of 7 biases has about 1/sqrt(7) of one frame's read noise.
+    assert np.std(cal.bias - true_bias()) < 1.3 * READ_NOISE_ADU / np.sqrt(7)
+    assert abs(np.mean(cal.bias - true_bias())) < 0.2
+    box = red.central_box(SHAPE)
+    for band in ("g", "r"):
+        ratio = cal.flats[band][box] / true_flat(band)[box]
+        assert np.std(ratio) < 0.01
+    dark_rate = cal.darks[60.0] / 60.0
+    assert {tuple(p) for p in np.argwhere(red.hot_pixels(dark_rate))} == set(HOT)
+
+    out = tmp_path / "work" / "LIGHT_PRERED" / "M37_r_000.fits"
+    with fits.open(out) as hdul:
+        assert hdul[0].data.dtype == np.dtype(">f4")
+        assert hdul["MASK"].data.dtype == np.uint8
+        header = hdul[0].header
+        for key in ("OBJECT", "FILTER", "EXPTIME", "DATE-OBS", "AIRMASS", "RA", "DEC",
+                    "PIERSIDE", "GAIN"):
+            assert key in header
+        assert header["BUNIT"] == "adu"
+        assert "BZERO" not in header
+        calibrated = hdul[0].data.astype(float)
+        mask = hdul["MASK"].data.astype(bool)
+    assert mask[DEAD] and all(mask[p] for p in HOT)
+    raw = fits.getdata(night / "LIGHT" / "M37_r_000.fits").astype(float)
+    ideal = (raw - true_bias() - true_dark_rate() * 30.0) / true_flat("r")
+    bright = (ideal > 5000) & ~mask
+    assert bright.sum() > 5
+    np.testing.assert_allclose(calibrated[bright], ideal[bright], rtol=0.01)
+    reread = CCDData.read(out)  # other software reads the primary image and the mask
+    assert reread.unit == u.adu and reread.mask is not None
+
+    # A rerun overwrites the same files and gives the same result.
+    reduce_mini_night(night, tmp_path / "work")
+    np.testing.assert_array_equal(fits.getdata(out), calibrated.astype(np.float32))
+
+
+def test_night_without_darks_still_runs(tmp_path):
+    night = make_night(tmp_path / "night", darks=False)
+    cal, table, light_log, logs = reduce_mini_night(night, tmp_path / "work")
+    assert cal.darks == {}
+    assert len(table) == 4 and len(light_log) == 0
+    assert all("no dark" in note for note in table["dark"])
+    header = fits.getheader(tmp_path / "work" / "LIGHT_PRERED" / "M37_g_000.fits")
+    assert "no dark subtracted" in str(header["HISTORY"])
+
+
+def test_lights_without_flats_are_listed_not_dropped(tmp_path):
+    night = make_night(tmp_path / "night", flat_bands=("g",), light_bands=("g", "r"))
+    (night / "LIGHT" / "broken.fits").write_bytes(b"this is not a FITS file")
+    cal, table, light_log, logs = reduce_mini_night(night, tmp_path / "work")
+    assert sorted(table["file"]) == ["M37_g_000.fits", "M37_g_001.fits"]
+    skipped = dict(light_log.skipped)
+    assert set(skipped) == {"M37_r_000.fits", "M37_r_001.fits"}
+    assert all("no master flat for filter 'r'" in reason for reason in skipped.values())
+    assert not (tmp_path / "work" / "LIGHT_PRERED" / "M37_r_000.fits").exists()
+    summary = red.summary_table({"light": 4}, {"light": len(table)}, {"light": light_log})
+    assert list(summary["skipped"]) == [2] and "no master flat" in summary["why skipped"][0]
+
+
+def test_unreadable_frames_are_skipped_with_a_reason(tmp_path):
+    night = make_night(tmp_path / "night", flat_bands=("g",), light_bands=("g",))
+    bad = night / "LIGHT" / "M37_g_000.fits"
+    bad.write_bytes(bad.read_bytes()[:5000])  # truncated download
+    cal = red.Calibration(bias=true_bias().astype(np.float32),
+                          flats={"g": true_flat("g").astype(np.float32)})
+    table, log = red.calibrate_lights(sorted((night / "LIGHT").glob("*.fits")), cal,
+                                      tmp_path / "out")
+    assert list(table["file"]) == ["M37_g_001.fits"]
+    assert [name for name, _ in log.skipped] == ["M37_g_000.fits"]
+
+
+def test_overexposed_flats_are_skipped(tmp_path):
+    paths = [write_raw(tmp_path / f"flat_{i}.fits", np.full(SHAPE, level), IMAGETYP="FLAT",
+                       EXPTIME=1.0, FILTER="g")
+             for i, level in enumerate([20000.0, 21000.0, 62000.0])]
+    cal = red.Calibration(bias=np.zeros(SHAPE, np.float32))
+    master, log = red.build_master_flat(paths, cal, tmp_path / "scratch", BIG, 60000.0)
+    assert [name for name, _ in log.skipped] == ["flat_2.fits"]
+    assert master is not None and abs(np.median(master.data) - 1.0) < 1e-6
+
+
+def test_frames_of_type_returns_existing_absolute_paths(tmp_path):
+    night = make_night(tmp_path / "night", flat_bands=("g", "r"))
+    collection = night_collection(night)
+    flats = red.frames_of_type(collection, "IMAGETYP", "FLAT", FILTER="r")
+    assert len(flats) == 7 and all(p.is_absolute() and p.exists() for p in flats)
+    assert red.frames_of_type(collection, "IMAGETYP", "DARKFLAT") == []
+
+
+def test_skiplog_summary_table():
+    log = SkipLog("bias")
+    log.skip("a.fits", "cannot be used", quiet=True)
+    table = red.summary_table({"bias": 3}, {"bias": 2}, {"bias": log})
+    assert tuple(table[0]) == ("bias", 3, 2, 1, "cannot be used")
+
+
+def test_unreadable_files_are_reported(tmp_path):
+    night = make_night(tmp_path / "night", flat_bands=("g",), light_bands=("g",))
+    (night / "LIGHT" / "broken.fits").write_bytes(b"this is not a FITS file")
+    collection = night_collection(night)
+    assert [p.name for p in red.unreadable_files(collection)] == ["broken.fits"]
+    assert len(red.frames_of_type(collection, "IMAGETYP", "LIGHT")) == 2
+
+
+def test_write_master_darks_names_by_exposure_and_removes_stale_files(tmp_path):
+    (tmp_path / "masterdark.fits").write_bytes(b"stale")
+    darks = {t: CCDData(np.full(SHAPE, t * 0.1, dtype=np.float32), unit="adu",
+                        meta={"NCOMBINE": 3}) for t in (300.0, 60.0)}
+    paths = red.write_master_darks(darks, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("masterdark*.fits")) == [
+        "masterdark_300s.fits", "masterdark_60s.fits"]
+    assert fits.getval(paths[0], "EXPTIME") == 300.0
+    assert fits.getdata(paths[1]).dtype == np.dtype(">f4")
