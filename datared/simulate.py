@@ -134,6 +134,27 @@ def _jsonable(obj):
     return obj
 
 
+def source_fingerprint() -> str:
+    """Short SHA-256 of the simulator's source files: a night records the code that made it."""
+    import hashlib
+
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in ("simulate.py", "sky.py", "instrument.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def is_current_sample_night(path: str | Path, preset: str, seed: int) -> bool:
+    """True if ``path`` holds a sample night made by this very code with ``preset`` and ``seed``."""
+    if not is_sample_night(path):
+        return False
+    params = json.loads((Path(path) / "truth" / "params.json").read_text())
+    return (params.get("source_fingerprint") == source_fingerprint()
+            and params.get("preset") == preset and params.get("seed") == seed
+            and params.get("max_per_group") is None)
+
+
 def is_sample_night(path: str | Path) -> bool:
     """True if ``path`` holds a night written by this simulator (truth/params.json)."""
     params = Path(path) / "truth" / "params.json"
@@ -764,6 +785,7 @@ def _generate(root: Path, preset: Preset, seed: int, max_per_group: int | None,
     params = {
         "generator": GENERATOR,
         "format_version": FORMAT_VERSION,
+        "source_fingerprint": source_fingerprint(),
         "preset": preset.name,
         "seed": seed,
         "max_per_group": max_per_group,
@@ -931,10 +953,13 @@ def main(argv: list[str] | None = None) -> int:
         from datared.io import find_fits
 
         target = Path(config.data_dir)
-        if is_sample_night(target):
+        if is_current_sample_night(target, config.sample_preset, config.sample_seed):
             print(f"Sample night already present at {target}: nothing to do.")
             return 0
-        if target.is_dir() and any(target.iterdir()):
+        if is_sample_night(target):
+            print(f"{target} holds a sample night from another version of the simulator (or "
+                  "another preset or seed): generating it again.")
+        elif target.is_dir() and any(target.iterdir()):
             if find_fits(target):
                 print(f"{target} holds FITS frames but no sample-night truth: treating it as a "
                       "real night and generating nothing.")
