@@ -4,12 +4,14 @@ Every notebook starts with ``import config``. Importing this module has no side 
 it creates no folder and reads no file. Call :func:`make_work_dirs` to create the output
 folders.
 
-Two environment variables override the two paths without editing this file:
+Environment variables override the paths without editing this file:
 
 ``DATARED_DATA_DIR``
     Folder with the raw frames of the night (read only: nothing is ever written there).
 ``DATARED_WORK_DIR``
     Folder where every chapter writes its outputs.
+``DATARED_CACHE_DIR``
+    Folder for downloads and the generated sample night.
 
 The chapter "Adapting the book to your telescope" (``book/adapting.md``) explains each
 setting.
