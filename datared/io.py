@@ -61,14 +61,45 @@ def night_collection(data_dir: str | Path, keywords: Iterable[str] | None = None
             f"{data_dir}: no FITS files found. Point data_dir in config.py at a night of frames "
             "or run notebooks/01-data.ipynb to generate the sample night."
         )
-    rel = [str(f.relative_to(data_dir)) for f in files]
+    rel = [f.relative_to(data_dir).as_posix() for f in files]
     with warnings.catch_warnings():
         # Acquisition software often writes non-standard header cards; astropy fixes them.
         from astropy.io.fits.verify import VerifyWarning
 
         warnings.simplefilter("ignore", VerifyWarning)
-        return ImageFileCollection(location=str(data_dir), filenames=rel,
-                                   keywords=list(keywords) if keywords is not None else "*")
+        collection = ImageFileCollection(location=str(data_dir), filenames=rel,
+                                         keywords=list(keywords) if keywords is not None else "*")
+    _restore_subfolders(collection, rel)
+    return collection
+
+
+def _restore_subfolders(collection, rel_paths: list[str]) -> None:
+    """Put each frame's path relative to the night back into the summary's ``file`` column.
+
+    ``ImageFileCollection`` keeps only the base name of each file, so ``files_filtered`` and
+    ``files_filtered(include_path=True)`` would name files that do not exist when the frames
+    sit in sub-folders. The summary lists the readable files in the order given (unreadable
+    ones are left out), so walking both lists in step restores the sub-folder of each row.
+    """
+    summary = collection.summary
+    if summary is None or len(summary) == 0:
+        return
+    restored = []
+    pending = iter(rel_paths)
+    for name in summary["file"]:
+        for rel in pending:
+            if Path(rel).name == name:
+                restored.append(rel)
+                break
+        else:
+            raise RuntimeError(f"{collection.location}: cannot find {name} among the frames")
+    summary.replace_column("file", restored)
+
+
+def unreadable_files(collection) -> list[Path]:
+    """Files of a night collection whose header could not be read (absent from its summary)."""
+    listed = set() if collection.summary is None else set(collection.summary["file"])
+    return [Path(collection.location) / rel for rel in collection.files if rel not in listed]
 
 
 def require(path: str | Path, chapter: str) -> Path:

@@ -122,22 +122,13 @@ def read_frame(path: str | Path, overscan_section: str | None = None,
     return ccd
 
 
-def _paths_by_name(collection) -> dict[str, list[Path]]:
-    """Absolute paths of a collection's files, keyed by file name."""
-    by_name: dict[str, list[Path]] = {}
-    for rel in collection.files:
-        path = Path(collection.location) / rel
-        by_name.setdefault(path.name, []).append(path)
-    return by_name
-
-
 def frames_of_type(collection, imagetyp_key: str, imagetyp_value: str,
                    **keyword_values) -> list[Path]:
     """Absolute paths of the frames of one image type (and other header values) in a collection.
 
     Parameters
     ----------
-    collection : ``ccdproc.ImageFileCollection`` (e.g. ``datared.io.night_collection``).
+    collection : ``ccdproc.ImageFileCollection`` from ``datared.io.night_collection``.
     imagetyp_key : header keyword of the image type (``config.imagetyp_key``).
     imagetyp_value : its value for the wanted frames (``config.imagetyp["flat"]``).
     keyword_values : further keyword=value filters (e.g. ``FILTER="r"``); values match
@@ -148,25 +139,7 @@ def frames_of_type(collection, imagetyp_key: str, imagetyp_value: str,
     if imagetyp_key.lower() not in collection.summary.colnames:
         return []
     filters = {imagetyp_key: imagetyp_value, **keyword_values}
-    # files_filtered answers with bare file names (the collection spans sub-folders), so map
-    # them back to paths; a name present in two sub-folders is resolved by its header.
-    by_name = _paths_by_name(collection)
-    wanted = str(imagetyp_value).strip().lower()
-    paths = []
-    for name in collection.files_filtered(**filters):
-        candidates = by_name.get(str(name), [])
-        if len(candidates) > 1:
-            candidates = [p for p in candidates
-                          if str(fits.getval(p, imagetyp_key)).strip().lower() == wanted]
-        paths.extend(candidates)
-    return sorted(set(paths))
-
-
-def unreadable_files(collection) -> list[Path]:
-    """Files of a collection whose header could not be read (absent from its summary)."""
-    summary_names = set() if collection.summary is None else set(collection.summary["file"])
-    return sorted(path for name, paths in _paths_by_name(collection).items()
-                  for path in paths if name not in summary_names)
+    return sorted(Path(p) for p in collection.files_filtered(include_path=True, **filters))
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from astropy.io import fits
 from astropy.nddata import CCDData
 
 from datared import reduction as red
-from datared.io import SkipLog, night_collection
+from datared.io import SkipLog, night_collection, unreadable_files
 
 SHAPE = (48, 64)
 HOT = [(5, 7), (30, 50), (40, 12)]  # true hot pixels (row, column)
@@ -417,7 +417,7 @@ def test_unreadable_files_are_reported(tmp_path):
     night = make_night(tmp_path / "night", flat_bands=("g",), light_bands=("g",))
     (night / "LIGHT" / "broken.fits").write_bytes(b"this is not a FITS file")
     collection = night_collection(night)
-    assert [p.name for p in red.unreadable_files(collection)] == ["broken.fits"]
+    assert [p.name for p in unreadable_files(collection)] == ["broken.fits"]
     assert len(red.frames_of_type(collection, "IMAGETYP", "LIGHT")) == 2
 
 
