@@ -1,0 +1,71 @@
+"""datared.io: finding frames in sub-folders, prerequisites and the skip log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from datared.io import (
+    MissingInputError,
+    SkipLog,
+    find_fits,
+    night_collection,
+    require,
+    unreadable_files,
+)
+
+
+def _frame(path: Path, imagetyp: str, filt: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = fits.Header({"IMAGETYP": imagetyp, "FILTER": filt, "EXPTIME": 1.0})
+    fits.writeto(path, np.zeros((4, 4), dtype=np.uint16), header)
+
+
+@pytest.fixture
+def night(tmp_path) -> Path:
+    root = tmp_path / "night"
+    _frame(root / "BIAS" / "b1.fits", "BIAS")
+    _frame(root / "BIAS" / "b2.fits", "BIAS")
+    _frame(root / "FLAT" / "r" / "f1.fits", "FLAT", "r")
+    _frame(root / "LIGHT" / "l1.fit", "LIGHT", "r")
+    _frame(root / "truth" / "bias.fits", "TRUTH")
+    (root / "LIGHT" / "broken.fits").write_bytes(b"not a FITS file")
+    (root / "notes.txt").write_text("observing log")
+    return root
+
+
+def test_find_fits_skips_truth_and_non_fits(night):
+    names = [p.relative_to(night).as_posix() for p in find_fits(night)]
+    assert names == ["BIAS/b1.fits", "BIAS/b2.fits", "FLAT/r/f1.fits", "LIGHT/broken.fits", "LIGHT/l1.fit"]
+
+
+def test_night_collection_names_real_files_in_sub_folders(night):
+    collection = night_collection(night, ignored_subdirs=("truth",))
+    flats = collection.files_filtered(imagetyp="FLAT", filter="r", include_path=True)
+    assert [Path(p) for p in flats] == [night / "FLAT" / "r" / "f1.fits"]
+    biases = collection.files_filtered(imagetyp="BIAS", include_path=True)
+    assert len(biases) == 2 and all(Path(p).exists() for p in biases)
+    assert unreadable_files(collection) == [night / "LIGHT" / "broken.fits"]
+
+
+def test_missing_data_dir_names_the_fix(tmp_path):
+    with pytest.raises(MissingInputError, match="DATARED_DATA_DIR"):
+        find_fits(tmp_path / "nowhere")
+
+
+def test_require_names_the_chapter(tmp_path):
+    with pytest.raises(MissingInputError, match="02-pre-reduction"):
+        require(tmp_path / "masterbias.fits", chapter="02-pre-reduction")
+    (tmp_path / "masterbias.fits").write_text("x")
+    assert require(tmp_path / "masterbias.fits", chapter="02-pre-reduction").exists()
+
+
+def test_skip_log_lists_reasons(capsys):
+    log = SkipLog("calibration")
+    log.skip("/data/LIGHT/a.fits", "no flat in filter z")
+    assert "a.fits: no flat in filter z" in capsys.readouterr().out
+    table = log.table()
+    assert len(log) == 1 and list(table["file"]) == ["a.fits"]
