@@ -1,0 +1,421 @@
+"""Unit tests of datared.photometry on small synthetic star fields."""
+
+from __future__ import annotations
+
+import math
+
+import astropy.units as u
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import QTable, Table
+from astropy.wcs import WCS
+from photutils.aperture import ApertureStats, CircularAperture
+from scipy.spatial import cKDTree
+
+from datared import photometry as ph
+
+
+def simple_wcs(shape, scale_arcsec=0.6, ra=88.0, dec=32.5, rotation_deg=0.0):
+    """A TAN WCS centred on the image."""
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [ra, dec]
+    wcs.wcs.crpix = [shape[1] / 2 + 0.5, shape[0] / 2 + 0.5]
+    c, s = math.cos(math.radians(rotation_deg)), math.sin(math.radians(rotation_deg))
+    scale = scale_arcsec / 3600.0
+    wcs.wcs.cd = [[-scale * c, scale * s], [scale * s, scale * c]]
+    return wcs
+
+
+def isolated(stars, distance_pix):
+    """True for stars without a neighbour closer than ``distance_pix``."""
+    xy = np.column_stack([stars["x"], stars["y"]])
+    distance, _ = cKDTree(xy).query(xy, k=2)
+    return distance[:, 1] > distance_pix
+
+
+@pytest.fixture(scope="module")
+def field():
+    image, stars = ph.synthetic_star_field((300, 320), 40, fwhm_pix=3.5, sky_adu=300.0,
+                                           gain_e_per_adu=1.0, read_noise_e=5.0,
+                                           flux_range_adu=(3e3, 1e5), margin=12, seed=7)
+    return image, stars
+
+
+# --- column names --------------------------------------------------------------------------
+
+def test_radius_tags_and_column_names():
+    assert ph.radius_tag(3) == "3p0"
+    assert ph.radius_tag(2.25) == "2p25"
+    assert ph.radius_tag(6.0) == "6p0"
+    assert ph.column_name("sum_err", 4) == "sum_err_4p0"
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="positive"):
+            ph.radius_tag(bad)
+    with pytest.raises(ValueError, match="unknown column kind"):
+        ph.column_name("flux", 3)
+
+
+def test_columns_survive_a_fits_round_trip(tmp_path, field):
+    image, stars = field
+    background = ph.estimate_background(image, box_size=32)
+    table = ph.forced_photometry(image, stars["x"], stars["y"], [2, 3.5], 0.6, background,
+                                 gain_e_per_adu=1.0, read_noise_e=5.0)
+    table.meta["DATE-OBS"] = "2024-02-15T20:00:00"
+    path = ph.write_catalog(table, tmp_path / "frame.fits")
+    back = Table.read(path)
+    for name in ("sum_2p0", "sum_err_3p5", "max_3p5", "back_sum_2p0", "saturated", "flags",
+                 "flags_2p0", "flags_3p5"):
+        assert name in back.colnames
+    np.testing.assert_array_equal(back["sum_3p5"], table["sum_3p5"])
+    assert back.meta["DATE-OBS"] == "2024-02-15T20:00:00"
+    assert back.meta["APRADII"] == "2,3.5"
+    assert ph.write_catalog(table, tmp_path / "frame.fits") == path  # reruns overwrite
+
+
+# --- fast sums against photutils --------------------------------------------------------
+
+def test_fast_sums_equal_photutils_aperture_stats(field):
+    image, stars = field
+    rng = np.random.default_rng(3)
+    background = 300.0 + rng.normal(0, 2.0, image.shape)
+    mask = np.zeros(image.shape, bool)
+    mask[100:103, 50:200] = True
+    x = np.append(np.asarray(stars["x"]), [1.2, 318.4, 160.3])  # two stars cut by the edges
+    y = np.append(np.asarray(stars["y"]), [150.0, 298.9, 101.4])  # one on the masked rows
+    radii = [2.0, 3.3, 5.0, 8.5]
+    fast = ph.aperture_photometry_fast(image, x, y, radii, background, mask=mask)
+    for k, radius in enumerate(radii):
+        aperture = CircularAperture(np.column_stack([x, y]), r=radius)
+        on_data = ApertureStats(image, aperture, mask=mask)
+        on_background = ApertureStats(background, aperture, mask=mask)
+        np.testing.assert_allclose(fast["data_sum"][:, k], on_data.sum, rtol=1e-10)
+        np.testing.assert_allclose(fast["back_sum"][:, k], on_background.sum, rtol=1e-10)
+        np.testing.assert_allclose(fast["sum"][:, k], on_data.sum - on_background.sum,
+                                   rtol=1e-9, atol=1e-6)
+        np.testing.assert_array_equal(fast["max"][:, k], on_data.max)
+    assert fast["edge"][-3, -1] and fast["edge"][-2, -1] and not fast["edge"][-1].any()
+    assert fast["bad_pixels"][-1, -1]
+
+
+def test_off_frame_positions_give_nan_and_a_flag(field):
+    image, _ = field
+    fast = ph.aperture_photometry_fast(image, [-5.0, 50.0, np.nan], [10.0, 50.0, 3.0], [3.0])
+    assert fast["off_frame"].tolist() == [True, False, True]
+    assert np.isnan(fast["sum"][0, 0]) and np.isnan(fast["sum"][2, 0])
+    assert np.isfinite(fast["sum"][1, 0])
+
+
+# --- noise model --------------------------------------------------------------------------
+
+def test_ccd_variance_terms():
+    variance = ph.ccd_variance(gain_e_per_adu=2.0, read_noise_e=4.0, flat=0.5, dark_adu=10.0)
+    cut = np.array([[[300.0]]])
+    back = np.array([[[100.0]]])
+    index = np.zeros((1, 1), int)
+    # raw electrons: g*F*S = 2*0.5*300 = 300, dark 20, read 16 -> 336 e-; in calibrated ADU
+    # divide by (g*F)**2 = 1.
+    assert variance(cut, back, index, index)[0, 0, 0] == pytest.approx(336.0)
+    # negative source signal does not reduce the variance below sky + dark + read noise
+    assert variance(np.array([[[50.0]]]), back, index, index)[0, 0, 0] == pytest.approx(136.0)
+
+
+def test_predicted_errors_match_the_scatter_of_repeated_measurements():
+    """Many noise realisations of the same stars: normalised residuals have std ~ 1."""
+    normalised = []
+    for seed in range(4):
+        image, stars = ph.synthetic_star_field((256, 256), 25, fwhm_pix=3.0, sky_adu=500.0,
+                                               gain_e_per_adu=1.5, read_noise_e=6.0,
+                                               flux_range_adu=(2e3, 2e5), margin=15,
+                                               seed=100 + seed)
+        background = ph.estimate_background(image, box_size=32)
+        table = ph.forced_photometry(image, stars["x"], stars["y"], [6.0], 1.0, background,
+                                     gain_e_per_adu=1.5, read_noise_e=6.0)
+        keep = isolated(stars, 16)
+        normalised.append(((table["sum_6p0"] - stars["flux"]) / table["sum_err_6p0"])[keep])
+    normalised = np.concatenate(normalised)
+    assert len(normalised) > 60
+    assert 0.8 < np.std(normalised) < 1.2
+    assert abs(np.mean(normalised)) < 0.35
+
+
+def test_background_is_unbiased_and_its_error_is_honest():
+    rng = np.random.default_rng(11)
+    maps, errors = [], []
+    for _ in range(24):
+        image = rng.normal(100.0, 10.0, (192, 192))
+        background = ph.estimate_background(image, box_size=32, filter_size=3)
+        maps.append(background.background[96, 96])
+        errors.append(background.error[96, 96])
+    scatter = np.std(maps)
+    assert abs(np.mean(maps) - 100.0) < 3 * scatter / math.sqrt(len(maps)) + 0.02
+    assert 0.7 < np.mean(errors) / scatter < 1.5
+
+
+def test_background_ignores_stars(field):
+    image, _ = field
+    background = ph.estimate_background(image, box_size=32)
+    assert background.median == pytest.approx(300.0, abs=1.0)
+    assert background.rms_median == pytest.approx(math.sqrt(300.0 + 25.0), rel=0.1)
+
+
+# --- flags --------------------------------------------------------------------------------
+
+def test_saturation_is_judged_in_raw_adu_even_when_masked():
+    image = np.full((60, 60), 100.0)
+    image[30, 30] = 30000.0  # calibrated value of the brightest pixel
+    flat = np.full(image.shape, 1.0)
+    bias, dark = 1000.0, 50.0
+    mask = np.zeros(image.shape, bool)
+    mask[30, 30] = True  # chapter 02 masks saturated pixels
+    # raw = 30000 * flat + bias + dark = 31050 < 40000: not saturated
+    level = ph.saturation_level(40000.0, bias, dark, flat)
+    fast = ph.aperture_photometry_fast(image, [30.0], [30.0], [3.0], 100.0, saturation=level,
+                                       mask=mask)
+    assert not fast["saturated"][0, 0]
+    # a flat of 1.4 at that pixel: raw = 42050 > 40000 -> saturated although calibrated is lower
+    flat[30, 30] = 1.4
+    level = ph.saturation_level(40000.0, bias, dark, flat)
+    fast = ph.aperture_photometry_fast(image, [30.0], [30.0], [3.0], 100.0, saturation=level,
+                                       mask=mask)
+    assert fast["saturated"][0, 0]
+    assert fast["bad_pixels"][0, 0]
+
+
+def test_forced_photometry_flags_and_bits(field):
+    image, stars = field
+    background = ph.estimate_background(image, box_size=32)
+    x = np.append(np.asarray(stars["x"]), [2.0, -40.0])
+    y = np.append(np.asarray(stars["y"]), [150.0, 10.0])
+    crowded = np.zeros(len(x), bool)
+    crowded[0] = True
+    table = ph.forced_photometry(image, x, y, [3.0], 1.0, background, gain_e_per_adu=1.0,
+                                 read_noise_e=5.0, saturation_adu=float(np.max(image)) - 1.0,
+                                 crowded=crowded)
+    brightest = int(np.argmax(stars["flux"]))
+    assert table["saturated"][brightest]
+    assert table["edge"][-2] and table["off_frame"][-1]
+    assert table["flags"][0] & ph.FLAG_BITS["crowded"]
+    assert table["flags"][-1] == ph.FLAG_BITS["off_frame"]
+    expected = sum(np.where(table[name], bit, 0) for name, bit in ph.FLAG_BITS.items())
+    np.testing.assert_array_equal(table["flags"], expected)
+    np.testing.assert_array_equal(table["flags_3p0"], table["flags"])  # one radius
+
+
+def test_flags_are_given_per_aperture_radius():
+    image = np.full((80, 80), 100.0)
+    mask = np.zeros(image.shape, bool)
+    mask[40, 45] = True  # 5 pixels right of the star
+    background = ph.BackgroundModel(np.full(image.shape, 100.0), np.full(image.shape, 10.0),
+                                    np.full(image.shape, 0.1), 32, 3)
+    table = ph.forced_photometry(image, [40.0, 76.0], [40.0, 40.0], [2.0, 6.0], 1.0, background,
+                                 gain_e_per_adu=1.0, read_noise_e=5.0, mask=mask,
+                                 fill_masked=False)
+    assert table["flags_2p0"][0] == 0
+    assert table["flags_6p0"][0] == ph.FLAG_BITS["bad_pixels"] == table["flags"][0]
+    assert table["flags_2p0"][1] == 0 and table["flags_6p0"][1] == ph.FLAG_BITS["edge"]
+    assert ph.column_name("flags", 6) == "flags_6p0"
+
+
+def test_contamination_grows_with_neighbour_brightness_and_proximity():
+    x = np.array([0.0, 100.0, 4.0, 300.0, 310.0])
+    y = np.zeros(5)
+    flux = np.array([1000.0, 1000.0, 1000.0, 1000.0, 10.0])
+    result = ph.contamination(x, y, flux, radius_pix=5.0, fwhm_pix=3.0)
+    assert result[1] == 0.0  # alone
+    assert result[0] > 0.2 and result[2] > 0.2  # an equal star 4 px away
+    assert 0 < result[3] < 1e-3 and result[4] > result[3]  # faint far neighbour / bright one
+
+
+# --- detection and star sizes -------------------------------------------------------------
+
+def test_detection_finds_the_stars_with_accurate_centroids_and_sky_positions(field):
+    image, stars = field
+    background = ph.estimate_background(image, box_size=32)
+    wcs = simple_wcs(image.shape, rotation_deg=30.0)
+    table = ph.detect_stars(image, background, 3.5, wcs=wcs, gain_e_per_adu=1.0, min_snr=10)
+    assert isinstance(table, QTable)
+    assert np.all(np.diff(table["segment_flux"]) <= 0)  # brightest first
+    assert np.all(table["snr"] >= 10) and list(table["id"]) == list(range(1, len(table) + 1))
+    xy = np.column_stack([stars["x"], stars["y"]])
+    distance, _ = cKDTree(xy).query(np.column_stack([table["x_centroid_win"],
+                                                     table["y_centroid_win"]]))
+    assert np.mean(distance < 0.2) > 0.9
+    assert len(table) >= 0.9 * len(stars)
+    true_sky = wcs.pixel_to_world(stars["x"], stars["y"])
+    index, matched, separation = ph.match_to_catalog(table["sky_centroid_win"], true_sky, 0.3)
+    assert matched.mean() > 0.9
+
+
+def test_flux_cut_removes_faint_sources(field):
+    image, _ = field
+    background = ph.estimate_background(image, box_size=32)
+    loose = ph.detect_stars(image, background, 3.5, min_snr=5)
+    strict = ph.detect_stars(image, background, 3.5, min_snr=200)
+    assert 0 < len(strict) < len(loose)
+    assert np.all(strict["snr"] >= 200)
+
+
+def test_gaussian_fwhm_is_recovered():
+    image, stars = ph.synthetic_star_field((200, 200), 12, fwhm_pix=4.2, sky_adu=0.0,
+                                           flux_range_adu=(5e4, 2e5), margin=20, seed=5,
+                                           noise=False)
+    fwhm = ph.fit_gaussian_fwhm(image, stars["x"], stars["y"], box_size=17)
+    keep = isolated(stars, 12)
+    assert np.nanmedian(fwhm[keep]) == pytest.approx(4.2, rel=0.03)
+
+
+def test_choose_reference_prefers_sharp_frames_among_deep_ones():
+    quality = Table({"n_sources": [100, 95, 40, 99], "fwhm_pix": [4.0, 3.5, 2.0, np.nan]})
+    assert ph.choose_reference(quality) == 1
+    with pytest.raises(ValueError, match="no frame"):
+        ph.choose_reference(Table({"n_sources": [0], "fwhm_pix": [3.0]}))
+
+
+# --- frames on disk -----------------------------------------------------------------------
+
+def write_frame(path, image, wcs=None, mask=None, **cards):
+    header = wcs.to_header() if wcs is not None else fits.Header()
+    header.update({"OBJECT": "TEST", "FILTER": "r", "EXPTIME": 60.0, "AIRMASS": 1.2,
+                   "DATE-OBS": "2024-02-15T20:00:00", "PIERSIDE": "East", **cards})
+    hdus = [fits.PrimaryHDU(image.astype(np.float32), header)]
+    if mask is not None:
+        hdus.append(fits.ImageHDU(mask.astype(np.uint8), name="MASK"))
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+    return path
+
+
+def test_reference_and_forced_photometry_across_a_rotated_frame(tmp_path):
+    shape = (240, 260)
+    image, stars = ph.synthetic_star_field(shape, 30, fwhm_pix=3.5, sky_adu=200.0, margin=15,
+                                           flux_range_adu=(5e3, 1e5), seed=21)
+    wcs = simple_wcs(shape)
+    ref_frame = ph.read_frame(write_frame(tmp_path / "ref.fits", image, wcs))
+    assert ref_frame.pixel_scale_arcsec == pytest.approx(0.6)
+    reference = ph.reference_catalog(ref_frame, 3.5, 3.0, gain_e_per_adu=1.0)
+    assert {"sky_centroid_win", "crowded", "contamination"} <= set(reference.colnames)
+    path = ph.write_catalog(reference, tmp_path / "ref_catalog_TEST.fits")
+    reference = QTable.read(path)
+    assert reference["sky_centroid_win"].ra.unit == u.deg
+
+    # The same sky after a meridian flip: image rotated by 180 degrees, WCS rotated with it.
+    flipped = image[::-1, ::-1]
+    flipped_wcs = simple_wcs(shape, rotation_deg=180.0)
+    # crpix stays at the centre, so pixel (i, j) -> (n-1-i, m-1-j): the same stars
+    mask = np.zeros(shape, bool)
+    mask[5, 5] = True
+    frame = ph.read_frame(write_frame(tmp_path / "flip.fits", flipped, flipped_wcs, mask,
+                                      PIERSIDE="West"))
+    assert frame.mask is not None and frame.mask[5, 5]
+    calibration = ph.CalibrationTerms(bias=0.0, dark=0.0, flat=1.0)
+    table_ref = ph.measure_frame(ref_frame, reference, [3.0], calibration=calibration,
+                                 gain_e_per_adu=1.0, read_noise_e=5.0, saturation_adu=6e4,
+                                 fwhm_stars=10, aperture_mm=350.0)
+    table_flip = ph.measure_frame(frame, reference, [3.0], calibration=calibration,
+                                  gain_e_per_adu=1.0, read_noise_e=5.0, saturation_adu=6e4)
+    np.testing.assert_allclose(table_flip["x"], shape[1] - 1 - table_ref["x"], atol=1e-6)
+    np.testing.assert_allclose(table_flip["sum_3p0"], table_ref["sum_3p0"], rtol=0.02)
+    assert table_flip.meta["PIERSIDE"] == "West" and table_ref.meta["PIERSIDE"] == "East"
+    assert table_ref.meta["FWHM"] == pytest.approx(3.5 * 0.6, rel=0.1)
+    assert 0 < table_ref.meta["SCINT"] < 0.01
+    assert list(table_flip["id"]) == list(reference["id"])
+
+
+def test_frames_without_wcs_or_overlap_are_refused(tmp_path):
+    image, _ = ph.synthetic_star_field((100, 100), 5, seed=1)
+    reference = QTable()
+    reference["id"] = [1]
+    reference["sky_centroid_win"] = simple_wcs((100, 100)).pixel_to_world([50.0], [50.0])
+    calibration = ph.CalibrationTerms(bias=0.0, dark=0.0, flat=1.0)
+    no_wcs = ph.read_frame(write_frame(tmp_path / "a.fits", image))
+    assert no_wcs.wcs is None
+    with pytest.raises(ValueError, match="no WCS"):
+        ph.measure_frame(no_wcs, reference, [3.0], calibration=calibration, gain_e_per_adu=1.0,
+                         read_noise_e=5.0, saturation_adu=6e4)
+    elsewhere = ph.read_frame(write_frame(tmp_path / "b.fits", image,
+                                          simple_wcs((100, 100), ra=120.0)))
+    with pytest.raises(ValueError, match="none of the reference positions"):
+        ph.measure_frame(elsewhere, reference, [3.0], calibration=calibration,
+                         gain_e_per_adu=1.0, read_noise_e=5.0, saturation_adu=6e4)
+
+
+def test_calibration_terms_from_the_work_folder(tmp_path):
+    from datared.io import MissingInputError
+
+    with pytest.raises(MissingInputError, match="02-pre-reduction"):
+        ph.load_calibration_terms(tmp_path, "r", 60.0)
+    fits.PrimaryHDU(np.full((4, 4), 1000.0, np.float32)).writeto(tmp_path / "masterbias.fits")
+    fits.PrimaryHDU(np.full((4, 4), 1.1, np.float32)).writeto(tmp_path / "masterflat_r.fits")
+    terms = ph.load_calibration_terms(tmp_path, "r", 60.0)
+    assert terms.dark == 0.0 and np.all(terms.flat == pytest.approx(1.1))
+    fits.PrimaryHDU(np.full((4, 4), 30.0, np.float32),
+                    fits.Header({"EXPTIME": 120.0})).writeto(tmp_path / "masterdark.fits")
+    terms = ph.load_calibration_terms(tmp_path, "r", 60.0)
+    assert np.all(terms.dark == pytest.approx(15.0))  # scaled 120 s -> 60 s
+    assert "masterdark.fits" in terms.note
+
+
+def test_scintillation_follows_youngs_formula():
+    sigma = ph.scintillation_sigma(350.0, 1.0, 60.0, 0.0)
+    assert sigma == pytest.approx(0.09 * 35 ** (-2 / 3) / math.sqrt(120.0))
+    assert ph.scintillation_sigma(350.0, 2.0, 60.0) > sigma > ph.scintillation_sigma(350.0, 1.0,
+                                                                                     240.0)
+
+
+def test_separable_smoothing_equals_the_2d_kernel_convolution(field):
+    from photutils.segmentation import make_2dgaussian_kernel
+    from scipy import ndimage
+
+    image, _ = field
+    fast = ph.convolve_for_detection(image - 300.0, 3.5)
+    kernel = make_2dgaussian_kernel(3.5, size=2 * math.ceil(1.5 * 3.5) + 1).array
+    slow = ndimage.convolve(image - 300.0, kernel, mode="constant", cval=0.0)
+    np.testing.assert_allclose(fast, slow, rtol=1e-6, atol=1e-3)
+
+
+def test_has_celestial_wcs():
+    assert ph.has_celestial_wcs(simple_wcs((10, 10)).to_header())
+    assert not ph.has_celestial_wcs(fits.Header({"OBJECT": "M37"}))
+
+
+def test_cosmic_rays_are_not_detected_as_stars(field):
+    image, stars = field
+    image = image.copy()
+    hits = [(40, 250), (200, 60), (150, 151)]  # (y, x) single-pixel hits and a short track
+    for y, x in hits:
+        image[y, x] += 3000.0
+    image[150, 152] += 2000.0
+    background = ph.estimate_background(image, box_size=32)
+    with_hits = ph.detect_stars(image, background, 3.5, min_snr=5, reject_sharp=False)
+    cleaned = ph.detect_stars(image, background, 3.5, min_snr=5)
+    xy = np.column_stack([cleaned["x_centroid_win"], cleaned["y_centroid_win"]])
+    distance, _ = cKDTree(xy).query([(x, y) for y, x in hits])
+    assert np.all(distance > 3), "a cosmic ray survived as a star"
+    assert len(with_hits) >= len(cleaned) + 3
+    true_xy = np.column_stack([stars["x"], stars["y"]])
+    kept, _ = cKDTree(true_xy).query(xy)
+    assert np.all(kept < 1.0) and len(cleaned) >= 0.9 * len(stars)
+
+
+def test_masked_pixels_are_filled_from_their_mirror_image():
+    image, stars = ph.synthetic_star_field((60, 60), 1, fwhm_pix=4.0, sky_adu=100.0,
+                                           flux_range_adu=(1e5, 1e5), margin=25, seed=2,
+                                           noise=False)
+    x, y = float(stars["x"][0]), float(stars["y"][0])
+    mask = np.zeros(image.shape, bool)
+    mask[int(round(y)) + 1, int(round(x)) - 2: int(round(x)) + 1] = True  # three core pixels
+    mask[int(round(y)) - 5, int(round(x)) + 4] = True  # one in the wings
+    clean = ph.aperture_photometry_fast(image, [x], [y], [3.0, 8.0], 100.0)
+    holes = ph.aperture_photometry_fast(image, [x], [y], [3.0, 8.0], 100.0, mask=mask)
+    filled = ph.aperture_photometry_fast(image, [x], [y], [3.0, 8.0], 100.0, mask=mask,
+                                         fill_masked=True)
+    assert np.all(holes["sum"] < 0.95 * clean["sum"]) and holes["bad_pixels"].all()
+    np.testing.assert_allclose(filled["sum"], clean["sum"], rtol=0.01)
+    assert not filled["bad_pixels"].any()
+    # a masked mirror pixel cannot fill: the flag stays
+    mask[int(round(2 * y - (y + 1))), int(round(2 * x - x))] = True
+    mask[int(round(y)) - 1, int(round(x)) - 1: int(round(x)) + 3] = True
+    partly = ph.aperture_photometry_fast(image, [x], [y], [3.0], 100.0, mask=mask,
+                                         fill_masked=True)
+    assert partly["bad_pixels"].all()
