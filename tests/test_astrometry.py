@@ -1,0 +1,323 @@
+"""Unit tests of datared.astrometry on small synthetic star fields with a known TAN-SIP WCS."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS, Sip
+from scipy.special import erf
+
+from datared import astrometry as ast
+
+SCALE = 0.605  # arcsec per pixel
+SHAPE = (500, 700)  # ny, nx
+RA0, DEC0 = 88.07, 32.55
+
+
+def true_wcs(rotation_deg: float = 20.0, mirrored: bool = False, distortion: float = 1.0,
+             shape=SHAPE, ra=RA0, dec=DEC0) -> WCS:
+    """A TAN-SIP WCS with rotation, optional mirror and a third-order distortion."""
+    ny, nx = shape
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+    w.wcs.crval = [ra, dec]
+    w.wcs.crpix = [(nx + 1) / 2 + 3.3, (ny + 1) / 2 - 2.1]
+    th = math.radians(rotation_deg)
+    s = SCALE / 3600
+    cd = s * np.array([[-math.cos(th), math.sin(th)], [math.sin(th), math.cos(th)]])
+    if mirrored:
+        cd[:, 0] *= -1
+    w.wcs.cd = cd
+    a = np.zeros((4, 4))
+    b = np.zeros((4, 4))
+    a[2, 0], a[1, 1], a[0, 2] = 2e-6, -1e-6, 1.5e-6
+    b[2, 0], b[1, 1], b[0, 2] = -1e-6, 2.5e-6, 1e-6
+    a[3, 0], a[1, 2] = 3e-9, 2e-9
+    b[0, 3], b[2, 1] = 2.5e-9, -1.5e-9
+    w.sip = Sip(a * distortion, b * distortion, None, None, w.wcs.crpix)
+    w.pixel_shape = (nx, ny)
+    w.wcs.set()
+    return w
+
+
+def make_catalog(rng, n: int = 8000, radius_arcmin: float = 20.0, ra=RA0, dec=DEC0) -> Table:
+    """Random stars in a square around (ra, dec) with a power-law magnitude distribution."""
+    half = radius_arcmin / 60
+    dec_s = dec + rng.uniform(-half, half, n)
+    ra_s = ra + rng.uniform(-half, half, n) / np.cos(np.radians(dec))
+    mag = 11.5 + 8.5 * rng.power(2.5, n)
+    return Table({"source_id": np.arange(n), "ra": ra_s, "dec": dec_s, "phot_g_mean_mag": mag})
+
+
+def render(rng, wcs: WCS, catalog: Table, shape=SHAPE, fwhm_px: float = 3.4,
+           sky_adu: float = 800.0, zeropoint: float = 24.0, exptime: float = 30.0,
+           color_scatter: float = 0.2) -> np.ndarray:
+    """Pixel-integrated Gaussian stars with Poisson and read noise (gain 1), float32."""
+    ny, nx = shape
+    image = np.full(shape, sky_adu, float)
+    x, y = wcs.world_to_pixel(SkyCoord(catalog["ra"] * u.deg, catalog["dec"] * u.deg))
+    mag = np.asarray(catalog["phot_g_mean_mag"]) + rng.normal(0, color_scatter, len(catalog))
+    flux = exptime * 10 ** (-0.4 * (mag - zeropoint))
+    sig = fwhm_px / ast.SIGMA_TO_FWHM
+    half = int(5 * sig) + 1
+    for xi, yi, fi in zip(x, y, flux, strict=True):
+        if not (-half < xi < nx + half and -half < yi < ny + half):
+            continue
+        x0, y0 = int(round(xi)), int(round(yi))
+        xs = np.arange(max(0, x0 - half), min(nx, x0 + half + 1))
+        ys = np.arange(max(0, y0 - half), min(ny, y0 + half + 1))
+        if len(xs) == 0 or len(ys) == 0:
+            continue
+        px = 0.5 * (erf((xs + 0.5 - xi) / (math.sqrt(2) * sig)) - erf((xs - 0.5 - xi) / (math.sqrt(2) * sig)))
+        py = 0.5 * (erf((ys + 0.5 - yi) / (math.sqrt(2) * sig)) - erf((ys - 0.5 - yi) / (math.sqrt(2) * sig)))
+        image[np.ix_(ys, xs)] += fi * np.outer(py, px)
+    image = rng.poisson(image).astype(float) + rng.normal(0, 4.0, shape)
+    return (image - 0.0).astype(np.float32)
+
+
+def frame_header(ra: float, dec: float, date: str = "2024-02-15T21:00:00") -> fits.Header:
+    header = fits.Header()
+    header["RA"] = ra
+    header["DEC"] = dec
+    header["DATE-OBS"] = date
+    header["FILTER"] = "r"
+    header["OBJECT"] = "TEST"
+    return header
+
+
+@pytest.fixture(scope="module")
+def field():
+    rng = np.random.default_rng(42)
+    catalog = make_catalog(rng)
+    return rng, catalog
+
+
+def _solve(data, header, catalog, **kw):
+    return ast.solve_python(data, header, catalog, scale_arcsec=SCALE, file="test.fits", **kw)
+
+
+# ---------------------------------------------------------------------------------------
+
+def test_windowed_centroids_are_unbiased_to_a_few_hundredths():
+    rng = np.random.default_rng(1)
+    shape = (60, 60)
+    errs = []
+    for _ in range(20):
+        xt, yt = rng.uniform(25, 35, 2)
+        w = WCS(naxis=2)  # not used: render a single star directly
+        image = np.zeros(shape)
+        sig = 3.4 / ast.SIGMA_TO_FWHM
+        xs = np.arange(shape[1])
+        ys = np.arange(shape[0])
+        px = 0.5 * (erf((xs + 0.5 - xt) / (math.sqrt(2) * sig)) - erf((xs - 0.5 - xt) / (math.sqrt(2) * sig)))
+        py = 0.5 * (erf((ys + 0.5 - yt) / (math.sqrt(2) * sig)) - erf((ys - 0.5 - yt) / (math.sqrt(2) * sig)))
+        image += 50000 * np.outer(py, px)
+        x, y, ok = ast.windowed_centroids(image, np.array([round(xt)]), np.array([round(yt)]), sig)
+        assert ok[0]
+        errs.append(math.hypot(x[0] - xt, y[0] - yt))
+        del w
+    assert max(errs) < 0.01
+
+
+def test_detect_stars_finds_stars_and_measures_fwhm(field):
+    rng, catalog = field
+    wcs = true_wcs()
+    image = render(rng, wcs, catalog, fwhm_px=3.4)
+    stars = ast.detect_stars(image)
+    assert len(stars) > 50
+    assert abs(stars.meta["fwhm_px"] - 3.4) < 0.3
+    assert np.all(np.diff(stars["flux"]) <= 0)  # brightest first
+
+
+def test_detect_stars_on_pure_noise_finds_almost_nothing():
+    rng = np.random.default_rng(3)
+    noise = rng.normal(1000, 10, SHAPE).astype(np.float32)
+    stars = ast.detect_stars(noise, nsigma=5)
+    assert len(stars) < 5
+
+
+@pytest.mark.parametrize("fit_degree", [None, 2, 3])
+def test_fit_tan_sip_recovers_a_known_wcs(fit_degree):
+    # Exact points from a known WCS: the fit must reproduce it everywhere.
+    truth = true_wcs(distortion=1.0 if fit_degree == 3 else 0.0)
+    rng = np.random.default_rng(5)
+    xy = np.column_stack([rng.uniform(0, SHAPE[1] - 1, 300), rng.uniform(0, SHAPE[0] - 1, 300)])
+    sky = truth.pixel_to_world(xy[:, 0], xy[:, 1])
+    fitted = ast.fit_tan_sip(xy, sky, fit_degree, SHAPE)
+    err = ast.grid_errors(fitted, truth, SHAPE)
+    assert err.max() < 1e-4
+    if fit_degree:
+        assert fitted.wcs.ctype[0] == "RA---TAN-SIP"
+        # The inverse polynomials make sky -> pixel work from the header alone.
+        assert np.abs(fitted.sip.ap).max() > 0
+        hdr_wcs = WCS(fitted.to_header(relax=True))
+        x, y = hdr_wcs.world_to_pixel(sky)
+        assert np.hypot(x - xy[:, 0], y - xy[:, 1]).max() < 1e-3
+
+
+def test_fit_tan_sip_weights_favour_precise_stars():
+    truth = true_wcs()
+    rng = np.random.default_rng(6)
+    n = 200
+    xy = np.column_stack([rng.uniform(0, SHAPE[1] - 1, n), rng.uniform(0, SHAPE[0] - 1, n)])
+    sky = truth.pixel_to_world(xy[:, 0], xy[:, 1])
+    sigma = np.where(np.arange(n) < 100, 0.01, 0.5)  # half precise, half poor
+    noisy = xy + rng.normal(0, 1, xy.shape) * sigma[:, None]
+    plain = ast.fit_tan_sip(noisy, sky, 3, SHAPE)
+    weighted = ast.fit_tan_sip(noisy, sky, 3, SHAPE, weights=1 / sigma**2)
+    rms_plain = np.sqrt(np.mean(ast.grid_errors(plain, truth, SHAPE) ** 2))
+    rms_weighted = np.sqrt(np.mean(ast.grid_errors(weighted, truth, SHAPE) ** 2))
+    assert rms_weighted < 0.01 < rms_plain
+
+
+def test_initial_wcs_uses_pixel_origin_zero():
+    # fit_wcs_from_points' linear fit works in 0-based pixels; a wrong origin would show up
+    # as a one-pixel shift.
+    truth = true_wcs(distortion=0.0)
+    rng = np.random.default_rng(7)
+    xy = np.column_stack([rng.uniform(0, SHAPE[1] - 1, 30), rng.uniform(0, SHAPE[0] - 1, 30)])
+    sky = truth.pixel_to_world(xy[:, 0], xy[:, 1])
+    assert ast.grid_errors(ast.initial_wcs(xy, sky, SHAPE), truth, SHAPE).max() < 1e-3
+
+
+def test_sip_degree_drops_with_few_stars():
+    assert ast.sip_degree_for(500, 3) == 3
+    assert ast.sip_degree_for(40, 3) == 2
+    assert ast.sip_degree_for(10, 3) == 0
+    assert ast.sip_degree_for(500, 0) == 0
+
+
+@pytest.mark.parametrize(("rotation", "mirrored", "offset_arcmin"), [
+    (20.0, False, (0.5, -0.3)),
+    (200.0, False, (-2.0, 1.5)),  # a meridian flip: the field turned by 180 degrees
+    (77.0, True, (1.0, 0.0)),  # a mirrored image
+    (0.0, False, (8.0, -6.0)),  # a pointing error of 10 arcmin
+])
+def test_solve_python_recovers_the_true_wcs(field, rotation, mirrored, offset_arcmin):
+    rng, catalog = field
+    wcs = true_wcs(rotation_deg=rotation, mirrored=mirrored)
+    image = render(rng, wcs, catalog)
+    dra, ddec = offset_arcmin
+    header = frame_header(RA0 + dra / 60 / math.cos(math.radians(DEC0)), DEC0 + ddec / 60)
+    sol = _solve(image, header, catalog)
+    assert sol.success, sol.reason
+    err = ast.grid_errors(sol.wcs, wcs, SHAPE)
+    assert np.sqrt(np.mean(err**2)) < 0.05
+    assert err.max() < 0.2
+    assert sol.sip_degree == 3
+    assert sol.rms_px < 0.3
+    assert sol.n_matched > 50
+
+
+def test_solve_python_uses_proper_motions(field):
+    rng, catalog = field
+    # Stars moved by 500 mas/yr over 20 years = 10 arcsec: without the proper motions the
+    # solution would be shifted by about 16 pixels.
+    moved = catalog.copy()
+    moved["dec"] = catalog["dec"] + 10.0 / 3600
+    wcs = true_wcs()
+    image = render(rng, wcs, moved)
+    cat = catalog.copy()
+    cat["pmra"] = 0.0
+    cat["pmdec"] = 500.0
+    cat["ref_epoch"] = 2016.0
+    header = frame_header(RA0, DEC0, date="2036-01-01T12:00:00")
+    sol = _solve(image, header, cat)
+    assert sol.success, sol.reason
+    assert np.sqrt(np.mean(ast.grid_errors(sol.wcs, wcs, SHAPE) ** 2)) < 0.05
+
+
+def test_pure_noise_fails_cleanly(field):
+    _, catalog = field
+    rng = np.random.default_rng(9)
+    noise = rng.normal(800, 28, SHAPE).astype(np.float32)
+    sol = _solve(noise, frame_header(RA0, DEC0), catalog)
+    assert not sol.success
+    assert sol.wcs is None
+    assert "stars" in sol.reason
+
+
+def test_wrong_field_fails_cleanly(field):
+    rng, catalog = field
+    image = render(rng, true_wcs(), catalog)
+    # The catalogue of a different patch of sky: nothing can match.
+    other = make_catalog(np.random.default_rng(77))
+    sol = _solve(image, frame_header(RA0, DEC0), other, search_radius_arcmin=3.0)
+    assert not sol.success
+    assert sol.reason
+
+
+def test_missing_pointing_is_reported(field):
+    rng, catalog = field
+    image = render(rng, true_wcs(), catalog)
+    sol = _solve(image, fits.Header(), catalog)
+    assert not sol.success
+    assert "RA" in sol.reason
+
+
+def test_write_solved_keeps_header_and_mask(tmp_path, field):
+    rng, catalog = field
+    wcs = true_wcs()
+    image = render(rng, wcs, catalog)
+    header = frame_header(RA0, DEC0)
+    header["CTYPE1"] = "STALE"  # an old WCS card must not survive
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[10, 10] = 1
+    src = tmp_path / "in.fits"
+    fits.HDUList([fits.PrimaryHDU(image, header), fits.ImageHDU(mask, name="MASK")]).writeto(src)
+    sol = _solve(image, header, catalog)
+    out = ast.write_solved(src, tmp_path / "out" / "in.fits", sol)
+    ast.write_solved(src, out, sol)  # a rerun overwrites
+    with fits.open(out) as hdul:
+        assert hdul[0].data.dtype.kind == "f" and hdul[0].data.dtype.itemsize == 4
+        assert hdul[0].header["FILTER"] == "r"
+        assert hdul[0].header["CTYPE1"] == "RA---TAN-SIP"
+        assert hdul["MASK"].data[10, 10] == 1
+        back = WCS(hdul[0].header)
+    assert np.sqrt(np.mean(ast.grid_errors(back, wcs, SHAPE) ** 2)) < 0.05
+
+
+def test_write_solved_refuses_a_failed_solution(tmp_path):
+    with pytest.raises(ast.AstrometryError, match="no WCS"):
+        ast.write_solved(tmp_path / "x.fits", tmp_path / "y.fits",
+                         ast.Solution(file="x.fits", backend="python", reason="no match"))
+
+
+def test_plot_residuals_draws_vectors_and_scale_arrow():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matched = Table({"x": [10.0, 200.0], "y": [20.0, 300.0], "dx": [0.1, -0.05],
+                     "dy": [0.0, 0.02]})
+    fig, ax = plt.subplots()
+    q = ast.plot_residuals(ax, matched, SHAPE, title="t")
+    assert q.N == 2
+    assert ax.get_xlabel() == "x (pixel)"
+    plt.close(fig)
+
+
+@pytest.mark.astrometry_net
+def test_solve_field_two_passes(tmp_path, field):
+    if not ast.solve_field_available():
+        pytest.skip("astrometry.net's solve-field is not installed (apt-get install astrometry.net)")
+    rng, catalog = field
+    wcs = true_wcs(rotation_deg=200.0)
+    image = render(rng, wcs, catalog)
+    path = tmp_path / "frame.fits"
+    fits.PrimaryHDU(image, frame_header(RA0, DEC0)).writeto(path)
+    cfg = ast.build_index(catalog, tmp_path / "index", field_arcmin=SHAPE[1] * SCALE / 60)
+    assert cfg.exists()
+    sol = ast.solve_field(path, cfg, scale_arcsec=SCALE)
+    assert sol.success, sol.reason
+    assert sol.n_matched > 20
+    assert sol.sip_degree in (0, 2, 3)  # lowered when pass 1 matched few stars
+    err = ast.grid_errors(sol.wcs, wcs, SHAPE)
+    assert np.sqrt(np.mean(err**2)) < 0.3
