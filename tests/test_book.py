@@ -151,12 +151,16 @@ def test_pages_render_in_headless_chromium(book_run, tmp_path):
         assert "<h1" in dom, f"{page}: no heading in the rendered DOM"
         if page.startswith("notebooks/"):
             assert "<img" in dom, f"{page}: no figure in the rendered DOM"
-    shot = tmp_path / "index.png"
+    # index.html only redirects to the root page; photograph the root page itself.
+    root_page = book_run.html_dir / f"{_toc_pages()[0]}.html"
+    shot = tmp_path / "root.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                     "--no-first-run", "--disable-background-networking",
                     f"--user-data-dir={tmp_path / 'profile2'}", f"--screenshot={shot}",
-                    "--window-size=1280,900", (book_run.html_dir / "index.html").as_uri()],
+                    "--window-size=1280,900", root_page.as_uri()],
                    capture_output=True, text=True, timeout=120)
-    assert shot.exists() and shot.stat().st_size > 10_000, "the screenshot of index.html is empty"
+    assert shot.exists() and shot.stat().st_size > 10_000, f"no screenshot of {root_page}"
     os.makedirs(REPO / ".cache", exist_ok=True)
-    shutil.copy(shot, REPO / ".cache" / "index.png")
+    shutil.copy(shot, REPO / ".cache" / "root-page.png")
+    index = (book_run.html_dir / "index.html").read_text()
+    assert _toc_pages()[0] in index, "index.html does not lead to the root page"
