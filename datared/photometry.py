@@ -811,15 +811,37 @@ def has_celestial_wcs(header) -> bool:
         return bool(WCS(header).has_celestial)
 
 
-def header_meta(header, keys: Sequence[str] = HEADER_KEYS) -> dict:
+def night_header_keys() -> dict[str, str]:
+    """Catalogue-metadata name (NINA's spelling) -> header keyword of this night (config.py)."""
+    import config
+
+    return {"DATE-OBS": config.date_key, "EXPTIME": config.exptime_key,
+            "AIRMASS": config.airmass_key, "FILTER": config.filter_key,
+            "OBJECT": config.object_key, "PIERSIDE": config.pierside_key,
+            "XBINNING": config.xbinning_key, "YBINNING": config.ybinning_key,
+            "RA": config.ra_key, "DEC": config.dec_key, "IMAGETYP": config.imagetyp_key}
+
+
+def header_meta(header, keys: Sequence[str] = HEADER_KEYS,
+                aliases: dict[str, str] | None = None) -> dict:
     """The frame header values worth keeping in a catalogue's metadata (keys present only).
+
+    The metadata always uses NINA's names (``DATE-OBS``, ``EXPTIME``, ...), whatever the
+    camera software wrote, so later chapters read every night's catalogues the same way.
 
     Parameters
     ----------
     header : FITS header of the frame.
-    keys : keywords to copy.
+    keys : metadata names to fill.
+    aliases : metadata name -> header keyword where they differ (default: from config.py).
     """
-    return {key: header[key] for key in keys if key in header}
+    aliases = night_header_keys() if aliases is None else aliases
+    meta = {}
+    for key in keys:
+        source = aliases.get(key, key)
+        if source in header:
+            meta[key] = header[source]
+    return meta
 
 
 def scintillation_sigma(aperture_mm: float, airmass: float, exptime_s: float,

@@ -419,3 +419,9 @@ def test_masked_pixels_are_filled_from_their_mirror_image():
     partly = ph.aperture_photometry_fast(image, [x], [y], [3.0], 100.0, mask=mask,
                                          fill_masked=True)
     assert partly["bad_pixels"].all()
+
+
+def test_header_meta_uses_nina_names_whatever_the_camera_wrote():
+    header = fits.Header({"DATE-LOC": "2024-02-15T20:00:00", "EXPOSURE": 30.0, "FILTER": "r"})
+    meta = ph.header_meta(header, aliases={"DATE-OBS": "DATE-LOC", "EXPTIME": "EXPOSURE"})
+    assert meta == {"DATE-OBS": "2024-02-15T20:00:00", "EXPTIME": 30.0, "FILTER": "r"}
