@@ -51,6 +51,139 @@ class AstrometryError(RuntimeError):
 # ---------------------------------------------------------------------------------------
 # Star detection and centroids
 # ---------------------------------------------------------------------------------------
+#
+# Astrometry needs a few hundred well-measured stars, not every star of the frame, and a
+# full-size frame has 15 Mpx: so the detection never filters the full-resolution image as a
+# whole. The sky is estimated in boxes from an evenly spread subset of their pixels (a
+# coarse mesh, interpolated where needed), the stars are found as the peaks of a binned and
+# smoothed copy of the image, and the centroids, fluxes and peaks are measured at full
+# resolution in small cut-outs around the brightest candidates only.
+
+@dataclass
+class _Mesh:
+    """Sky background on a coarse mesh of boxes, bilinear between the box centres
+    (constant beyond the outermost centres)."""
+
+    values: np.ndarray  # (boxes along y, boxes along x) sky level, ADU
+    box_y: float  # box height, pixels
+    box_x: float  # box width, pixels
+    rms: float  # robust sky noise per pixel, ADU
+
+    @staticmethod
+    def _axis(coord, box: float, n: int):
+        """Lower and upper mesh index and weight of the upper one along one axis."""
+        pos = np.clip((np.asarray(coord, float) + 0.5) / box - 0.5, 0.0, n - 1.0)
+        lo = np.minimum(np.floor(pos).astype(int), max(n - 2, 0))
+        hi = np.minimum(lo + 1, n - 1)
+        return lo, hi, pos - lo
+
+    def at(self, y, x) -> np.ndarray:
+        """Background (ADU) at pixel positions ``y``, ``x`` (0-based, broadcastable)."""
+        ny, nx = self.values.shape
+        i0, i1, wy = self._axis(y, self.box_y, ny)
+        j0, j1, wx = self._axis(x, self.box_x, nx)
+        v = self.values
+        return ((1 - wy) * ((1 - wx) * v[i0, j0] + wx * v[i0, j1])
+                + wy * ((1 - wx) * v[i1, j0] + wx * v[i1, j1]))
+
+    def grid(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Background (ADU, float32) on the grid ``rows`` x ``cols`` of pixel coordinates."""
+        ny, nx = self.values.shape
+        j0, j1, wx = self._axis(cols, self.box_x, nx)
+        v = self.values.astype(np.float32)
+        wx = wx.astype(np.float32)
+        along_x = v[:, j0] * (1 - wx) + v[:, j1] * wx  # (boxes along y, len(cols))
+        i0, i1, wy = self._axis(rows, self.box_y, ny)
+        wy = wy.astype(np.float32)[:, None]
+        return along_x[i0] * (1 - wy) + along_x[i1] * wy
+
+
+def _clipped_stats(samples: np.ndarray, sigma: float = 3.0,
+                   max_iter: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sigma-clipped median and standard deviation of each row of ``samples`` (NaN: no data).
+
+    Each row is sorted once; the values kept by a clip are then a contiguous run of the
+    sorted row, whose ends are found by bisection, whose median is read off directly and
+    whose mean and variance come from cumulative sums: each clipping iteration costs a few
+    operations per row, not per value.
+    Returns the median, the standard deviation and the number of values kept, per row.
+    """
+    s = np.sort(samples, axis=1)  # NaN sort last
+    n_rows, width = s.shape
+    rows = np.arange(n_rows)
+    n = np.isfinite(s).sum(axis=1)
+    ref = s[rows, n // 2 * (n > 0)]  # a rough centre: keeps the cumulative sums accurate
+    d = np.nan_to_num(s - ref[:, None]).astype(float)
+    c1 = np.zeros((n_rows, width + 1))
+    c2 = np.zeros((n_rows, width + 1))
+    np.cumsum(d, axis=1, out=c1[:, 1:])
+    np.cumsum(d * d, axis=1, out=c2[:, 1:])
+    lo, hi = np.zeros(n_rows, int), n
+    for _ in range(max_iter):
+        count = np.maximum(hi - lo, 1)
+        median = 0.5 * (s[rows, lo + (count - 1) // 2] + s[rows, lo + count // 2])
+        mean = (c1[rows, hi] - c1[rows, lo]) / count
+        std = np.sqrt(np.clip((c2[rows, hi] - c2[rows, lo]) / count - mean**2, 0, None))
+        new_lo = _count_sorted(s, n, median - sigma * std, inclusive=False)
+        new_hi = _count_sorted(s, n, median + sigma * std, inclusive=True)
+        if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
+            break
+        lo, hi = new_lo, new_hi
+    return median, std, hi - lo
+
+
+def _count_sorted(s: np.ndarray, n: np.ndarray, bound: np.ndarray,
+                  inclusive: bool) -> np.ndarray:
+    """Number of values below ``bound`` (or equal to it, if ``inclusive``) in each row of
+    ``s``, whose first ``n`` values are sorted: a bisection of all rows at once."""
+    rows = np.arange(len(s))
+    lo, hi = np.zeros(len(s), int), np.asarray(n).copy()
+    while np.any(lo < hi):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        value = s[rows, np.minimum(mid, s.shape[1] - 1)]
+        with np.errstate(invalid="ignore"):
+            below = active & ((value <= bound) if inclusive else (value < bound))
+        lo = np.where(below, mid + 1, lo)
+        hi = np.where(active & ~below, mid, hi)
+    return lo
+
+
+def _background_mesh(data: np.ndarray, mask: np.ndarray | None = None, box_px: int = 64,
+                     step: int = 2) -> _Mesh:
+    """Sky level and noise in boxes of about ``box_px`` pixels (like photutils' Background2D
+    with a sigma-clipped median and a 3 x 3 median filter of the mesh).
+
+    Each box is sampled on every ``step``-th row and column (the same number of pixels in
+    each box, spread over all of it): about a thousand pixels per box measure the median
+    to 4 % of the noise, and the image is read once, sparsely. Boxes with less than half of
+    their pixels usable (bad, not finite or clipped) get the median of the other boxes.
+    """
+    ny, nx = data.shape
+    box = int(min(box_px, max(8, min(ny, nx) // 4)))
+    nby, nbx = max(1, round(ny / box)), max(1, round(nx / box))
+    by, bx = ny / nby, nx / nbx
+    my, mx = max(1, int(by // step)), max(1, int(bx // step))
+    rows = (np.arange(nby)[:, None] * by + (np.arange(my) + 0.5) * by / my).astype(int).ravel()
+    cols = (np.arange(nbx)[:, None] * bx + (np.arange(mx) + 0.5) * bx / mx).astype(int).ravel()
+    samples = np.asarray(data[rows][:, cols], np.float32)
+    unusable = ~np.isfinite(samples)
+    if mask is not None:
+        unusable |= np.asarray(mask, bool)[rows][:, cols]
+    samples[unusable] = np.nan
+    samples = samples.reshape(nby, my, nbx, mx).transpose(0, 2, 1, 3).reshape(nby * nbx, -1)
+    level, noise, kept = _clipped_stats(samples)
+    ok = kept >= 0.5 * samples.shape[1]
+    if not ok.any():
+        return _Mesh(np.zeros((nby, nbx)), by, bx, float("nan"))
+    level = np.where(ok, level, np.median(level[ok])).reshape(nby, nbx)
+    noise = np.where(ok, noise, np.median(noise[ok])).reshape(nby, nbx)
+    from scipy.ndimage import median_filter
+
+    level = median_filter(level, size=3, mode="nearest")
+    noise = median_filter(noise, size=3, mode="nearest")
+    return _Mesh(level, by, bx, float(np.median(noise)))
+
 
 def background(data: np.ndarray, mask: np.ndarray | None = None,
                box_px: int = 64) -> tuple[np.ndarray, float]:
@@ -62,16 +195,82 @@ def background(data: np.ndarray, mask: np.ndarray | None = None,
     mask : True where pixels are bad (ignored).
     box_px : size of the background boxes, pixels.
 
-    Returns the background image (ADU) and the noise per pixel (ADU).
+    Returns the background image (ADU, float32) and the noise per pixel (ADU): a
+    sigma-clipped median in each box (from every second pixel of it), median-filtered over
+    3 x 3 boxes and interpolated bilinearly between the box centres.
     """
-    from astropy.stats import SigmaClip
-    from photutils.background import Background2D, MedianBackground
+    data = np.asarray(data)
+    mesh = _background_mesh(data, mask, box_px)
+    ny, nx = data.shape
+    return mesh.grid(np.arange(ny), np.arange(nx)), mesh.rms
 
-    box = int(min(box_px, max(8, min(data.shape) // 4)))
-    bkg = Background2D(data, box_size=box, filter_size=3, mask=mask,
-                       sigma_clip=SigmaClip(sigma=3.0), bkg_estimator=MedianBackground())
-    # The median of the low-resolution noise mesh: no full-size noise image is needed.
-    return bkg.background, float(bkg.background_rms_median)
+
+class _Cutouts:
+    """Square cut-outs of an image around star positions, sky subtracted, bad pixels 0."""
+
+    def __init__(self, data: np.ndarray, mask: np.ndarray | None = None,
+                 mesh: _Mesh | None = None):
+        self.data = data
+        self.mask = mask
+        self.mesh = mesh
+
+    def __call__(self, x: np.ndarray, y: np.ndarray,
+                 half: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Cut-outs of (2 half + 1)^2 pixels centred on the pixels nearest to (x, y).
+
+        Returns the cut-outs (n, 2 half + 1, 2 half + 1), their centre pixels x0, y0 and
+        True where the cut-out lies inside the image (the others are moved inside and
+        should be ignored).
+        """
+        ny, nx = self.data.shape
+        inside = (x >= half) & (x < nx - half - 1) & (y >= half) & (y < ny - half - 1)
+        x0 = np.clip(np.round(np.nan_to_num(x)).astype(int), half, nx - half - 1)
+        y0 = np.clip(np.round(np.nan_to_num(y)).astype(int), half, ny - half - 1)
+        offs = np.arange(-half, half + 1)
+        rr = (y0[:, None] + offs)[:, :, None]
+        cc = (x0[:, None] + offs)[:, None, :]
+        cut = self.data[rr, cc].astype(float)
+        if self.mesh is not None:
+            cut -= self.mesh.at(rr, cc)
+        bad = ~np.isfinite(cut)
+        if self.mask is not None:
+            bad |= self.mask[rr, cc]
+        cut[bad] = 0.0
+        return cut, x0, y0, inside
+
+
+def _centroid_cutouts(cut: np.ndarray, cx: np.ndarray, cy: np.ndarray, sigma_px: float,
+                      n_iter: int = 12) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gaussian-windowed centroids in cut-outs (n, 2h+1, 2h+1) from first guesses ``cx``,
+    ``cy`` (offsets from the cut-out centres, pixels).
+
+    The window is separable, exp(-dx^2 / 2 s^2) exp(-dy^2 / 2 s^2), so each iteration needs
+    the window on two short axes and two weighted sums of each cut-out. Returns the
+    offsets and True where the centroid converged well inside its cut-out.
+    """
+    half = (cut.shape[1] - 1) // 2
+    offs = np.arange(-half, half + 1, dtype=float)
+    cx = np.asarray(cx, float).copy()
+    cy = np.asarray(cy, float).copy()
+    good = np.ones(len(cut), bool)
+    for _ in range(n_iter):
+        ex = offs[None, :] - cx[:, None]
+        ey = offs[None, :] - cy[:, None]
+        gx = np.exp(-0.5 * ex**2 / sigma_px**2)
+        gy = np.exp(-0.5 * ey**2 / sigma_px**2)
+        along_x = np.einsum("nij,nj->ni", cut, gx)  # window-weighted sum of each row
+        along_y = np.einsum("nij,ni->nj", cut, gy)  # ... and of each column
+        norm = (along_x * gy).sum(axis=1)
+        good &= norm > 0
+        norm = np.where(norm > 0, norm, 1.0)
+        step_x = 2.0 * (along_y * gx * ex).sum(axis=1) / norm
+        step_y = 2.0 * (along_x * gy * ey).sum(axis=1) / norm
+        cx += np.clip(step_x, -1.0, 1.0)
+        cy += np.clip(step_y, -1.0, 1.0)
+        if np.all(np.abs(step_x) < 1e-4) and np.all(np.abs(step_y) < 1e-4):
+            break
+    good &= (np.abs(cx) < half - 2) & (np.abs(cy) < half - 2)
+    return cx, cy, good
 
 
 def windowed_centroids(image: np.ndarray, x: np.ndarray, y: np.ndarray, sigma_px: float,
@@ -89,152 +288,156 @@ def windowed_centroids(image: np.ndarray, x: np.ndarray, y: np.ndarray, sigma_px
     inside its cut-out.
     """
     half = max(3, int(math.ceil(4.0 * sigma_px)))
-    ny, nx = image.shape
     x = np.asarray(x, float).copy()
     y = np.asarray(y, float).copy()
-    ok = (x >= half) & (x < nx - half - 1) & (y >= half) & (y < ny - half - 1)
-    xs, ys = x[ok], y[ok]
-    x0 = np.round(xs).astype(int)
-    y0 = np.round(ys).astype(int)
-    offsets = np.arange(-half, half + 1)
-    rows = (y0[:, None] + offsets[None, :])[:, :, None]
-    cols = (x0[:, None] + offsets[None, :])[:, None, :]
-    cut = image[rows, cols]  # (n, 2h+1, 2h+1)
-    dy = offsets[None, :, None].astype(float)
-    dx = offsets[None, None, :].astype(float)
-    cx = xs - x0
-    cy = ys - y0
-    good = np.ones(len(xs), bool)
-    for _ in range(n_iter):
-        r2 = (dx - cx[:, None, None]) ** 2 + (dy - cy[:, None, None]) ** 2
-        w = np.exp(-0.5 * r2 / sigma_px**2) * cut
-        norm = w.sum(axis=(1, 2))
-        good &= norm > 0
-        norm = np.where(norm > 0, norm, 1.0)
-        step_x = 2.0 * (w * (dx - cx[:, None, None])).sum(axis=(1, 2)) / norm
-        step_y = 2.0 * (w * (dy - cy[:, None, None])).sum(axis=(1, 2)) / norm
-        cx = cx + np.clip(step_x, -1.0, 1.0)
-        cy = cy + np.clip(step_y, -1.0, 1.0)
-        if np.all(np.abs(step_x) < 1e-4) and np.all(np.abs(step_y) < 1e-4):
-            break
-    good &= (np.abs(cx) < half - 2) & (np.abs(cy) < half - 2)
-    x[ok] = x0 + cx
-    y[ok] = y0 + cy
-    ok_idx = np.flatnonzero(ok)
-    ok[ok_idx[~good]] = False
+    cut, x0, y0, ok = _Cutouts(np.asarray(image))(x, y, half)
+    cx, cy, good = _centroid_cutouts(cut[ok], x[ok] - x0[ok], y[ok] - y0[ok], sigma_px, n_iter)
+    x[ok] = x0[ok] + cx
+    y[ok] = y0[ok] + cy
+    ok[np.flatnonzero(ok)[~good]] = False
     return x, y, ok
 
 
-def detect_stars(data: np.ndarray, mask: np.ndarray | None = None,
-                 fwhm_px: float | None = None, nsigma: float = 3.0, max_stars: int = 800,
-                 saturation_adu: float | None = None, gain_e_per_adu: float = 1.0) -> Table:
-    """Find stars and measure accurate centroids and their uncertainties.
+def _find_peaks(data: np.ndarray, mask: np.ndarray | None, mesh: _Mesh, bin_factor: int,
+                smooth_px: float, nsigma: float, max_peaks: int,
+                origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Star candidates: local maxima of a binned, smoothed, sky-subtracted copy of the image.
 
     Parameters
     ----------
-    data : calibrated image, ADU.
-    mask : True where pixels are bad.
-    fwhm_px : star FWHM, pixels; None measures it from the brightest stars.
-    nsigma : detection threshold in units of the sky noise (faint detections get large
-        position errors and hence small weights; noise peaks find no catalogue partner).
-    max_stars : keep at most this many stars (the brightest).
-    saturation_adu : peak level (above the sky) at which a star counts as saturated, ADU.
-    gain_e_per_adu : detector gain, electrons per ADU (for the signal-to-noise ratio).
+    data : image (or a part of it), ADU; mask : True where pixels are bad.
+    mesh : the sky background of the whole image.
+    bin_factor : bin the image by this factor in x and y (mean of f x f pixels).
+    smooth_px : sigma of the Gaussian smoothing, full-resolution pixels (the stars' own
+        width makes it a matched filter).
+    nsigma : lowest accepted peak, in units of the noise of the smoothed image (from the
+        sky noise per pixel, for white noise).
+    max_peaks : keep the highest peaks only.
+    origin : position (row, column) of ``data[0, 0]`` in the whole image.
 
-    Returns a table sorted from bright to faint with ``x``, ``y`` (0-based pixels),
-    ``flux`` (ADU in a window of radius 1.3 FWHM), ``snr``, ``sigma_xy`` (expected position
-    error per axis, pixels), ``peak`` (ADU above the sky) and ``saturated``; the measured
-    FWHM (pixels) is in ``meta["fwhm_px"]`` and the sky noise (ADU) in ``meta["sky_rms"]``.
+    Returns x, y (pixels of the whole image, to a fraction of a bin from a parabola through
+    the peak and its neighbours) and the significance of each peak, highest first.
     """
-    from photutils.detection import DAOStarFinder
-    from photutils.utils import NoDetectionsWarning
+    from scipy.ndimage import gaussian_filter
 
-    data = np.asarray(data, dtype=float)
-    bad = ~np.isfinite(data)
+    f = bin_factor
+    nby, nbx = data.shape[0] // f, data.shape[1] // f
+    binned = np.zeros((nby, nbx), np.float32)
+    for i in range(f):
+        for j in range(f):
+            binned += data[i:nby * f:f, j:nbx * f:f]
+    binned /= f * f
+    centres_y = origin[0] + np.arange(nby) * f + (f - 1) / 2.0
+    centres_x = origin[1] + np.arange(nbx) * f + (f - 1) / 2.0
+    binned -= mesh.grid(centres_y, centres_x)
+    binned[~np.isfinite(binned)] = 0.0
     if mask is not None:
-        bad |= np.asarray(mask, bool)
-    fill = float(np.median(data[~bad])) if (~bad).any() else 0.0
-    filled = np.where(bad, fill, data)
-    bkg, rms = background(filled, mask=bad)
-    image = filled - bkg
-    image[bad] = 0.0
-    names = ("x", "y", "flux", "snr", "sigma_xy", "peak", "saturated")
-    empty = Table(names=names, dtype=(float, float, float, float, float, float, bool))
-    empty.meta.update(fwhm_px=float("nan"), sky_rms=rms)
-    if not np.isfinite(rms) or rms <= 0:
-        return empty
+        bad = np.zeros((nby, nbx), bool)
+        for i in range(f):
+            for j in range(f):
+                bad |= mask[i:nby * f:f, j:nbx * f:f]
+        binned[bad] = 0.0
+    sigma_bins = smooth_px / f
+    smooth = gaussian_filter(binned, sigma_bins, truncate=3.0)
+    # Noise of the smoothed image: the noise of a bin times the norm of the kernel (the
+    # same truncated, normalised Gaussian as gaussian_filter's, in each axis).
+    taps = np.arange(-int(3.0 * sigma_bins + 0.5), int(3.0 * sigma_bins + 0.5) + 1)
+    kernel = np.exp(-0.5 * (taps / sigma_bins) ** 2)
+    kernel /= kernel.sum()
+    noise = mesh.rms / f * float(np.sum(kernel**2))
+    # Local maxima above the threshold, away from the edge of the binned image.
+    idx = np.flatnonzero(smooth > nsigma * noise)
+    iy, ix = np.divmod(idx, nbx)
+    idx = idx[(iy > 0) & (iy < nby - 1) & (ix > 0) & (ix < nbx - 1)]
+    flat = smooth.ravel()
+    value = flat[idx]
+    for step in (-nbx - 1, -nbx, -nbx + 1, -1, 1, nbx - 1, nbx, nbx + 1):
+        keep = value >= flat[idx + step]
+        idx, value = idx[keep], value[keep]
+    order = np.argsort(value)[::-1][:max_peaks]
+    idx, value = idx[order], value[order]
+    iy, ix = np.divmod(idx, nbx)
 
-    def find(img: np.ndarray, bad_px: np.ndarray, threshold: float, fwhm: float):
-        finder = DAOStarFinder(threshold=threshold * rms, fwhm=fwhm, exclude_border=True,
-                               n_brightest=max_stars)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NoDetectionsWarning)  # an empty frame is allowed
-            return finder(img, mask=bad_px)
+    def vertex(left, right):
+        curv = left - 2.0 * value + right
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shift = np.where(curv < 0, 0.5 * (left - right) / curv, 0.0)
+        return np.clip(shift, -0.5, 0.5)
 
-    if fwhm_px is None:
-        # First pass with a typical FWHM, only to measure the real one: the central
-        # 1024 x 1024 pixels hold enough stars and keep large frames fast.
-        ny, nx = image.shape
-        y0, x0 = max(0, ny // 2 - 512), max(0, nx // 2 - 512)
-        crop = (slice(y0, y0 + 1024), slice(x0, x0 + 1024))
-        region = image[crop]
-        first = find(region, bad[crop], max(nsigma, 5.0), 3.5)
-        if first is None or len(first) == 0:
-            region = image
-            first = find(region, bad, max(nsigma, 5.0), 3.5)
-        if first is None or len(first) == 0:
-            return empty
-        fwhm_px = _measure_fwhm(region, np.asarray(first["x_centroid"], float),
-                                np.asarray(first["y_centroid"], float),
-                                np.asarray(first["peak"], float), rms, 3.5, saturation_adu)
-    found = find(image, bad, nsigma, fwhm_px)
-    if found is None or len(found) == 0:
-        return empty
-    x0 = np.asarray(found["x_centroid"], float)
-    y0 = np.asarray(found["y_centroid"], float)
-    peak = np.asarray(found["peak"], float)
-    sigma = fwhm_px / SIGMA_TO_FWHM
-    x, y, ok = windowed_centroids(image, x0, y0, sigma)
-    flux, npix = _window_flux(image, x, y, sigma)
-    noise = np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + npix * rms**2)
-    snr = flux / noise
-    saturated = np.zeros(len(x), bool)
-    if saturation_adu is not None:
-        saturated = peak >= saturation_adu
-    # Position error per axis of a centroid: about sigma_psf * sqrt(2) / SNR (plus a small
-    # floor for pixelisation and PSF asymmetries).
-    sigma_xy = np.hypot(math.sqrt(2.0) * sigma / np.clip(snr, 1e-3, None), 0.01)
-    table = Table({"x": x, "y": y, "flux": flux, "snr": snr, "sigma_xy": sigma_xy,
-                   "peak": peak, "saturated": saturated})[ok & (flux > 0)]
-    table.sort("flux", reverse=True)
-    table.meta.update(fwhm_px=float(fwhm_px), sky_rms=rms)
-    return table
+    x = origin[1] + (ix + vertex(flat[idx - 1], flat[idx + 1])) * f + (f - 1) / 2.0
+    y = origin[0] + (iy + vertex(flat[idx - nbx], flat[idx + nbx])) * f + (f - 1) / 2.0
+    return x, y, value / noise
 
 
-def _measure_fwhm(image: np.ndarray, x: np.ndarray, y: np.ndarray, peak: np.ndarray,
-                  rms: float, guess: float, saturation_adu: float | None) -> float:
-    """Median FWHM (pixels) from the second moments of bright, unsaturated stars."""
-    use = peak > 20 * rms
+def _measure_stars(cutouts: _Cutouts, x: np.ndarray, y: np.ndarray,
+                   sigma: float) -> tuple[np.ndarray, ...]:
+    """Windowed centroids, fluxes and peaks of the stars near (x, y), at full resolution.
+
+    Returns x, y (pixels), the flux in a circle of radius 3 ``sigma`` (ADU), the area of
+    that circle (pixels), the peak (brightest pixel of the 3 x 3 around the centre, ADU
+    above the sky) and True where the centroid converged inside the image.
+    """
+    half = max(3, int(math.ceil(4.0 * sigma)))
+    x = np.asarray(x, float).copy()
+    y = np.asarray(y, float).copy()
+    # Two rounds: first guesses from the binned image can be a pixel off, so the second
+    # round measures in cut-outs centred on the first centroids.
+    for _ in range(2):
+        cut, x0, y0, ok = cutouts(x, y, half)
+        cx, cy, good = _centroid_cutouts(cut, x - x0, y - y0, sigma)
+        x, y = x0 + cx, y0 + cy
+        ok &= good
+    fh = max(2, int(math.ceil(3.0 * sigma)))
+    cut, _, _, inside = cutouts(x, y, fh)
+    offs = np.arange(-fh, fh + 1)
+    circle = (offs[None, :] ** 2 + offs[:, None] ** 2) <= fh**2
+    flux = (cut * circle).sum(axis=(1, 2))
+    peak = cut[:, fh - 1:fh + 2, fh - 1:fh + 2].max(axis=(1, 2))
+    return x, y, flux, int(circle.sum()), peak, ok & inside
+
+
+def _first_fwhm(data: np.ndarray, mask: np.ndarray | None, mesh: _Mesh, cutouts: _Cutouts,
+                bin_factor: int, nsigma: float, saturation_adu: float | None,
+                guess: float = 3.5) -> float | None:
+    """FWHM (pixels) of the stars, from a first detection with a typical FWHM (``guess``).
+
+    The central 1024 x 1024 pixels hold enough stars and keep large frames fast (the whole
+    image is searched if they hold none). Returns ``guess`` if fewer than 5 bright
+    unsaturated stars are found and None if no star at all.
+    """
+    ny, nx = data.shape
+    y0, x0 = max(0, ny // 2 - 512), max(0, nx // 2 - 512)
+    crop = (slice(y0, y0 + 1024), slice(x0, x0 + 1024))
+    sigma = guess / SIGMA_TO_FWHM
+    x, y, _ = _find_peaks(data[crop], None if mask is None else mask[crop], mesh, bin_factor,
+                          sigma, nsigma, 150, origin=(y0, x0))
+    if len(x) == 0:
+        x, y, _ = _find_peaks(data, mask, mesh, bin_factor, sigma, nsigma, 150)
+    if len(x) == 0:
+        return None
+    x, y, flux, _, peak, ok = _measure_stars(cutouts, x, y, sigma)
+    use = ok & (peak > 20 * mesh.rms) & (peak < 3.0 * _centre_fraction(guess) * flux)
     if saturation_adu is not None:
         use &= peak < 0.5 * saturation_adu
     if use.sum() < 5:
         return guess
     order = np.argsort(peak[use])[::-1][:50]
-    xs, ys = x[use][order], y[use][order]
+    return _measure_fwhm(cutouts, x[use][order], y[use][order], guess)
+
+
+def _measure_fwhm(cutouts: _Cutouts, x: np.ndarray, y: np.ndarray, guess: float) -> float:
+    """Median FWHM (pixels) from the windowed second moments of bright, unsaturated stars."""
     sigma = guess / SIGMA_TO_FWHM
     for _ in range(3):
-        xs2, ys2, ok = windowed_centroids(image, xs, ys, sigma)
+        x, y, _, _, _, ok = _measure_stars(cutouts, x, y, sigma)
         if ok.sum() < 3:
             return guess
         half = max(3, int(math.ceil(4.0 * sigma)))
+        cut, x0, y0, _ = cutouts(x[ok], y[ok], half)
         offs = np.arange(-half, half + 1)
-        x0 = np.round(xs2[ok]).astype(int)
-        y0 = np.round(ys2[ok]).astype(int)
-        cut = image[(y0[:, None] + offs)[:, :, None], (x0[:, None] + offs)[:, None, :]]
-        dx = offs[None, None, :] - (xs2[ok] - x0)[:, None, None]
-        dy = offs[None, :, None] - (ys2[ok] - y0)[:, None, None]
-        w = np.exp(-0.5 * (dx**2 + dy**2) / sigma**2)
-        wc = w * cut
+        dx = offs[None, None, :] - (x[ok] - x0)[:, None, None]
+        dy = offs[None, :, None] - (y[ok] - y0)[:, None, None]
+        wc = np.exp(-0.5 * (dx**2 + dy**2) / sigma**2) * cut
         norm = wc.sum(axis=(1, 2))
         # The windowed second moment of a Gaussian of sigma s through a window of sigma
         # sw is s^2 sw^2 / (s^2 + sw^2): invert it for s.
@@ -250,18 +453,95 @@ def _measure_fwhm(image: np.ndarray, x: np.ndarray, y: np.ndarray, peak: np.ndar
     return sigma * SIGMA_TO_FWHM
 
 
-def _window_flux(image: np.ndarray, x: np.ndarray, y: np.ndarray,
-                 sigma: float) -> tuple[np.ndarray, int]:
-    """Sum of the image in a circle of radius 3 sigma around each star (ADU), and its area
-    in pixels."""
-    half = max(2, int(math.ceil(3.0 * sigma)))
-    ny, nx = image.shape
-    xi = np.clip(np.round(x).astype(int), half, nx - half - 1)
-    yi = np.clip(np.round(y).astype(int), half, ny - half - 1)
-    offs = np.arange(-half, half + 1)
-    cut = image[(yi[:, None] + offs)[:, :, None], (xi[:, None] + offs)[:, None, :]]
-    inside = (offs[None, :] ** 2 + offs[:, None] ** 2) <= half**2
-    return (cut * inside[None]).sum(axis=(1, 2)), int(inside.sum())
+def detect_stars(data: np.ndarray, mask: np.ndarray | None = None,
+                 fwhm_px: float | None = None, nsigma: float = 3.0, max_stars: int = 800,
+                 saturation_adu: float | None = None, gain_e_per_adu: float = 1.0) -> Table:
+    """Find stars and measure accurate centroids and their uncertainties.
+
+    Parameters
+    ----------
+    data : calibrated image, ADU.
+    mask : True where pixels are bad.
+    fwhm_px : star FWHM, pixels; None measures it from the brightest stars.
+    nsigma : detection threshold: significance of a peak in the image smoothed with the
+        stars' own width, as in DAOStarFinder (faint detections get large position errors
+        and hence small weights; noise peaks find no catalogue partner).
+    max_stars : keep at most this many stars (the brightest).
+    saturation_adu : peak level (above the sky) at which a star counts as saturated, ADU.
+    gain_e_per_adu : detector gain, electrons per ADU (for the signal-to-noise ratio).
+
+    Returns a table sorted from bright to faint with ``x``, ``y`` (0-based pixels),
+    ``flux`` (ADU in a window of radius 1.3 FWHM), ``snr``, ``sigma_xy`` (expected position
+    error per axis, pixels), ``peak`` (ADU above the sky) and ``saturated``; the measured
+    FWHM (pixels) is in ``meta["fwhm_px"]`` and the sky noise (ADU) in ``meta["sky_rms"]``.
+
+    The steps: the sky background and noise on a coarse mesh (:func:`background`); the
+    FWHM from the brightest stars of the central 1024 x 1024 pixels (found with a typical
+    FWHM); the peaks of a copy of the image binned 2 x 2 (frames above 4 Mpx) and smoothed
+    with a Gaussian of the stars' width; then, in small full-resolution cut-outs around
+    the highest peaks only, Gaussian-windowed centroids (:func:`windowed_centroids`),
+    fluxes and peaks. Sharp peaks (cosmic rays, hot pixels: the brightest pixel holds far
+    more of the flux than a star's would) and double detections of one star are dropped.
+    The full-size image is never filtered or copied as a whole.
+    """
+    data = np.asarray(data)
+    if data.dtype != np.float32 and data.dtype != np.float64:
+        data = data.astype(np.float32)
+    mask = None if mask is None else np.asarray(mask, bool)
+    mesh = _background_mesh(data, mask)
+    rms = mesh.rms
+    names = ("x", "y", "flux", "snr", "sigma_xy", "peak", "saturated")
+    empty = Table(names=names, dtype=(float, float, float, float, float, float, bool))
+    empty.meta.update(fwhm_px=float("nan"), sky_rms=rms)
+    if not np.isfinite(rms) or rms <= 0:
+        return empty
+    cutouts = _Cutouts(data, mask, mesh)
+
+    bin_factor = 2 if data.size > 4e6 else 1
+    if fwhm_px is None:
+        fwhm_px = _first_fwhm(data, mask, mesh, cutouts, bin_factor, max(nsigma, 5.0),
+                              saturation_adu)
+        if fwhm_px is None:
+            return empty
+    # Candidates, highest first, from the image smoothed with the stars' own width.
+    sigma = fwhm_px / SIGMA_TO_FWHM
+    x, y, _ = _find_peaks(data, mask, mesh, bin_factor, sigma, nsigma, 2 * max_stars + 50)
+    if len(x) == 0:
+        return empty
+    x, y, flux, npix, peak, ok = _measure_stars(cutouts, x, y, sigma)
+    # A cosmic ray or hot pixel puts most of its flux into one pixel; a star of this FWHM
+    # puts _centre_fraction of it there (far less, even with noise).
+    ok &= (flux > 0) & (peak < 3.0 * _centre_fraction(fwhm_px) * flux)
+    x, y, flux, peak = x[ok], y[ok], flux[ok], peak[ok]
+    # Two peaks of one star converge to the same centroid: keep the brighter one.
+    order = np.argsort(flux)[::-1]
+    x, y, flux, peak = x[order], y[order], flux[order], peak[order]
+    if len(x) > 1:
+        from scipy.spatial import cKDTree
+
+        pairs = cKDTree(np.column_stack([x, y])).query_pairs(max(1.0, 0.5 * fwhm_px),
+                                                            output_type="ndarray")
+        single = np.ones(len(x), bool)
+        single[pairs.max(axis=1)] = False  # the fainter of each pair
+        x, y, flux, peak = x[single], y[single], flux[single], peak[single]
+    x, y, flux, peak = x[:max_stars], y[:max_stars], flux[:max_stars], peak[:max_stars]
+    noise = np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + npix * rms**2)
+    snr = flux / noise
+    saturated = np.zeros(len(x), bool)
+    if saturation_adu is not None:
+        saturated = peak >= saturation_adu
+    # Position error per axis of a centroid: about sigma_psf * sqrt(2) / SNR (plus a small
+    # floor for pixelisation and PSF asymmetries).
+    sigma_xy = np.hypot(math.sqrt(2.0) * sigma / np.clip(snr, 1e-3, None), 0.01)
+    table = Table({"x": x, "y": y, "flux": flux, "snr": snr, "sigma_xy": sigma_xy,
+                   "peak": peak, "saturated": saturated})
+    table.meta.update(fwhm_px=float(fwhm_px), sky_rms=rms)
+    return table
+
+
+def _centre_fraction(fwhm_px: float) -> float:
+    """Fraction of a Gaussian star's flux in the pixel at its centre."""
+    return math.erf(0.5 / (math.sqrt(2.0) * fwhm_px / SIGMA_TO_FWHM)) ** 2
 
 
 # ---------------------------------------------------------------------------------------
@@ -699,7 +979,7 @@ def solve_python(data: np.ndarray, header: fits.Header, catalog: Table, *,
     start = time.perf_counter()
     result = Solution(file=file, backend="python")
     try:
-        _solve_python(result, np.asarray(data, float), header, catalog, scale_arcsec, mask,
+        _solve_python(result, np.asarray(data), header, catalog, scale_arcsec, mask,
                       ra_key, dec_key, date_key, search_radius_arcmin, sip_degree,
                       saturation_adu, gain_e_per_adu, mag_column, min_stars, max_seconds)
     except AstrometryError as err:

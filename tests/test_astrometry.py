@@ -142,6 +142,76 @@ def test_detect_stars_on_pure_noise_finds_almost_nothing():
     assert len(stars) < 5
 
 
+def test_clipped_box_statistics_match_astropy():
+    from astropy.stats import sigma_clipped_stats
+
+    rng = np.random.default_rng(11)
+    samples = rng.normal(1000, 20, (40, 400)).astype(np.float32)
+    samples[:, :15] += rng.uniform(100, 5000, (40, 15))  # stars in the boxes
+    samples[::5, -60:] = np.nan  # bad pixels
+    median, std, _ = ast._clipped_stats(samples)
+    for i in range(0, 40, 7):
+        _, ref_median, ref_std = sigma_clipped_stats(samples[i][np.isfinite(samples[i])],
+                                                     sigma=3.0, maxiters=10)
+        assert median[i] == pytest.approx(ref_median, abs=1e-3)
+        assert std[i] == pytest.approx(ref_std, rel=1e-4)
+
+
+def test_background_follows_a_gradient_and_measures_the_noise():
+    rng = np.random.default_rng(12)
+    yy, xx = np.mgrid[0:400, 0:600]
+    sky = 500.0 + 0.03 * xx + 0.02 * yy + 5.0 * np.sin(xx / 150.0)
+    image = (sky + rng.normal(0, 10, sky.shape)).astype(np.float32)
+    bkg, rms = ast.background(image)
+    assert bkg.shape == image.shape and bkg.dtype == np.float32
+    assert rms == pytest.approx(10, rel=0.05)
+    inner = (slice(32, -32), slice(32, -32))  # bilinear between the box centres
+    assert np.abs(bkg - sky)[inner].max() < 2.0
+
+
+def test_detect_stars_on_a_large_frame_is_accurate_and_skips_cosmic_rays():
+    # Above 4 Mpx the candidates come from a 2 x 2 binned image; the centroids must still
+    # be full-resolution ones. Single-pixel cosmic rays must not count as stars.
+    rng = np.random.default_rng(13)
+    shape = (2048, 2100)
+    ny, nx = shape
+    n = 300
+    xt = rng.uniform(30, nx - 30, n)
+    yt = rng.uniform(30, ny - 30, n)
+    flux = 10 ** rng.uniform(3.3, 5.3, n)
+    sig = 3.4 / ast.SIGMA_TO_FWHM
+    image = np.full(shape, 800.0)
+    half = 10
+    for xi, yi, fi in zip(xt, yt, flux, strict=True):
+        xs = np.arange(int(xi) - half, int(xi) + half + 1)
+        ys = np.arange(int(yi) - half, int(yi) + half + 1)
+        px = 0.5 * (erf((xs + 0.5 - xi) / (math.sqrt(2) * sig)) - erf((xs - 0.5 - xi) / (math.sqrt(2) * sig)))
+        py = 0.5 * (erf((ys + 0.5 - yi) / (math.sqrt(2) * sig)) - erf((ys - 0.5 - yi) / (math.sqrt(2) * sig)))
+        image[np.ix_(ys, xs)] += fi * np.outer(py, px)
+    image = rng.poisson(image).astype(np.float32) + rng.normal(0, 4.0, shape).astype(np.float32)
+    cx = rng.integers(20, nx - 20, 40)
+    cy = rng.integers(20, ny - 20, 40)
+    image[cy, cx] += 3000.0  # cosmic rays
+    stars = ast.detect_stars(image)
+    assert abs(stars.meta["fwhm_px"] - 3.4) < 0.2
+    from scipy.spatial import cKDTree
+
+    xy = np.column_stack([stars["x"], stars["y"]])
+    assert cKDTree(np.column_stack([cx, cy])).query(xy)[0].min() > 2  # no cosmic ray
+    dist, j = cKDTree(np.column_stack([xt, yt])).query(xy)
+    real = np.asarray(stars["snr"]) >= 5  # fainter detections may be noise peaks
+    assert np.all(dist[real] < 0.5)
+    found = np.zeros(n, bool)
+    found[j[real]] = True
+    isolated = cKDTree(np.column_stack([xt, yt])).query(np.column_stack([xt, yt]), k=2)[0][:, 1] > 8
+    assert found[isolated].mean() > 0.97
+    # Centroid errors as expected from the noise: dist / sigma_xy follows a Rayleigh law
+    # (median 1.18) for unbiased centroids.
+    z = dist[real] / np.asarray(stars["sigma_xy"])[real]
+    assert np.median(z) < 1.4 and z.max() < 5
+    assert np.median(dist[np.asarray(stars["snr"]) > 100]) < 0.02
+
+
 @pytest.mark.parametrize("fit_degree", [None, 2, 3])
 def test_fit_tan_sip_recovers_a_known_wcs(fit_degree):
     # Exact points from a known WCS: the fit must reproduce it everywhere.
