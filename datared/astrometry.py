@@ -33,6 +33,8 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 
+from datared.io import header_pointing
+
 #: FWHM of a Gaussian in units of its sigma.
 SIGMA_TO_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
@@ -998,11 +1000,10 @@ def _solve_python(result: Solution, data: np.ndarray, header: fits.Header, catal
     """The steps of :func:`solve_python`, filling ``result``; raises AstrometryError."""
     shape = data.shape
     try:
-        ra0 = float(header[ra_key])
-        dec0 = float(header[dec_key])
-    except (KeyError, TypeError, ValueError):
-        raise AstrometryError(f"no pointing in the header ({ra_key}, {dec_key} in degrees); "
-                              "add them or use the astrometry.net backend (blind)") from None
+        ra0, dec0 = header_pointing(header, ra_key, dec_key)
+    except (KeyError, ValueError) as err:
+        raise AstrometryError(f"no usable pointing in the header: {err}; add it or use the "
+                              "astrometry.net backend (blind)") from None
     stars = detect_stars(data, mask=mask, saturation_adu=saturation_adu,
                          gain_e_per_adu=gain_e_per_adu)
     bright = stars[stars["snr"] >= 10]
@@ -1210,9 +1211,11 @@ def solve_field(path: str | Path, backend_config: str | Path, *, scale_arcsec: f
               "--scale-high", f"{1.1 * scale_arcsec:.4f}", "--crpix-center",
               "--new-fits", "none", "--index-xyls", "none", "--rdls", "none",
               "--match", "none", "--solved", "none", "--cpulimit", str(int(timeout_s))]
-    if ra_key in header and dec_key in header:
-        common += ["--ra", str(float(header[ra_key])), "--dec", str(float(header[dec_key])),
-                   "--radius", str(radius_deg)]
+    try:
+        ra0, dec0 = header_pointing(header, ra_key, dec_key)
+        common += ["--ra", str(ra0), "--dec", str(dec0), "--radius", str(radius_deg)]
+    except (KeyError, ValueError):
+        pass  # no usable pointing: solve-field searches the whole index (blind)
     with tempfile.TemporaryDirectory(prefix="datared-solve-") as tmp:
         tmp = Path(tmp)
         first = tmp / "pass1"

@@ -133,3 +133,40 @@ class SkipLog:
         """The skipped frames as a table with columns ``file`` and ``reason``."""
         return Table(rows=self.skipped or None, names=("file", "reason"),
                      dtype=(str, str))
+
+
+def header_pointing(header, ra_key: str = "RA", dec_key: str = "DEC") -> tuple[float, float]:
+    """The telescope pointing in a header as (RA, Dec) in degrees.
+
+    Accepts numbers in degrees (NINA's ``RA``/``DEC``) and sexagesimal strings, which many
+    other programs write (``OBJCTRA = '05 52 18.0'`` in hours, ``OBJCTDEC = '+32 33 12'`` in
+    degrees). Raises ``KeyError`` or ``ValueError`` naming the keyword when it is missing or
+    unreadable.
+
+    Parameters
+    ----------
+    header : FITS header (or any mapping) of the frame.
+    ra_key, dec_key : keywords of the pointing (``config.ra_key``, ``config.dec_key``).
+    """
+    from astropy.coordinates import Angle
+
+    values = []
+    for key, sexagesimal_unit in ((ra_key, "hourangle"), (dec_key, "deg")):
+        if key not in header:
+            raise KeyError(f"the header has no {key} keyword (pointing); set ra_key/dec_key in "
+                           "config.py to the keywords your software writes")
+        value = header[key]
+        try:
+            values.append(float(value))
+            continue
+        except (TypeError, ValueError):
+            pass
+        try:
+            values.append(Angle(str(value).strip(), unit=sexagesimal_unit).deg)
+        except ValueError:
+            raise ValueError(f"cannot read {key} = {value!r} as an angle (degrees, or "
+                             "sexagesimal hours for RA / degrees for Dec)") from None
+    ra, dec = values
+    if not (0.0 <= ra < 360.0 and -90.0 <= dec <= 90.0):
+        raise ValueError(f"{ra_key}, {dec_key} = {ra}, {dec} degrees is not a position on the sky")
+    return ra, dec
