@@ -73,8 +73,8 @@ object_key = "OBJECT"
 xbinning_key = "XBINNING"
 ybinning_key = "YBINNING"
 airmass_key = "AIRMASS"
-ra_key = "RA"  # the mount's pointing, degrees
-dec_key = "DEC"  # the mount's pointing, degrees
+ra_key = "RA"  # the mount's pointing: degrees, or sexagesimal hours as text
+dec_key = "DEC"  # the mount's pointing: degrees (number or sexagesimal text)
 pierside_key = "PIERSIDE"
 
 #: Values of ``imagetyp_key`` for each kind of frame. Other software writes e.g.
