@@ -92,10 +92,15 @@ def frame_header(ra: float, dec: float, date: str = "2024-02-15T21:00:00") -> fi
 
 
 @pytest.fixture(scope="module")
-def field():
-    rng = np.random.default_rng(42)
-    catalog = make_catalog(rng)
-    return rng, catalog
+def field_catalog():
+    return make_catalog(np.random.default_rng(42))
+
+
+@pytest.fixture
+def field(request, field_catalog):
+    """A noise generator of the test's own (seeded by its name) and the shared catalogue."""
+    seed = sum(request.node.name.encode())
+    return np.random.default_rng(seed), field_catalog
 
 
 def _solve(data, header, catalog, **kw):

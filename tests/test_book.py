@@ -53,12 +53,18 @@ def test_failing_cell_fails_the_book_build(tmp_path):
 
 def test_failing_cell_fails_headless_execution(tmp_path):
     """The README's headless command (nbconvert --execute) stops with an error too."""
-    path = tmp_path / "broken.ipynb"
-    _failing_notebook(path)
-    proc = subprocess.run([str(BIN / "jupyter"), "nbconvert", "--to", "notebook", "--execute",
-                           "--output-dir", str(tmp_path / "out"), str(path)],
-                          capture_output=True, text=True)
-    assert proc.returncode != 0
+    def execute(path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "jupyter"), "nbconvert", "--to", "notebook", "--execute",
+                               "--output-dir", str(tmp_path / "out"), str(path)],
+                              capture_output=True, text=True)
+
+    _notebook(tmp_path / "good.ipynb", "print(6 * 7)")
+    good = execute(tmp_path / "good.ipynb")
+    assert good.returncode == 0, good.stderr[-2000:]
+    _failing_notebook(tmp_path / "broken.ipynb")
+    bad = execute(tmp_path / "broken.ipynb")
+    assert bad.returncode != 0
+    assert "deliberate failure" in bad.stderr
 
 
 class _Links(HTMLParser):

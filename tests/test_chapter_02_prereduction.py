@@ -34,6 +34,8 @@ def true_hot_threshold(truth) -> float:
 
 
 def test_raw_data_byte_identical(book_run, book_work, night_dir):
+    if book_run.raw_checksums_before is None:
+        pytest.skip("DATARED_TEST_WORK_DIR reuses a work folder: no build to check")
     assert checksums(night_dir) == book_run.raw_checksums_before
 
 

@@ -77,8 +77,8 @@ def test_outputs_keep_header_mask_and_float32(book_work):
         for key in ("OBJECT", "FILTER", "EXPTIME", "DATE-OBS", "PIERSIDE"):
             assert hdul[0].header[key] == src[0].header[key]
         assert hdul[0].header["CTYPE1"].startswith("RA---TAN")
-        if "MASK" in src:
-            assert np.array_equal(hdul["MASK"].data, src["MASK"].data)
+        assert "MASK" in src and "MASK" in hdul, f"{path.name}: the bad-pixel mask is lost"
+        assert np.array_equal(hdul["MASK"].data, src["MASK"].data)
         assert np.array_equal(hdul[0].data, src[0].data.astype(np.float32))
     assert any((book_work / "figures" / "astrometry").glob("*.png"))
 
