@@ -1227,15 +1227,22 @@ def solve_field(path: str | Path, backend_config: str | Path, *, scale_arcsec: f
             result.reason = f"solve-field found no solution (pass 1): {message}"
             result.seconds = time.perf_counter() - start
             return result
-        # The refinement's SIP order, like the python backend's: only as many polynomial
-        # terms as the matched stars of pass 1 support (order 3 on 20 stars overfits).
-        n_first = len(_read_corr(tmp / "pass1.corr")) if (tmp / "pass1.corr").exists() else 0
-        degree = max(1, sip_degree_for(n_first, sip_degree))
+        # The refinement (pass 2, all stars) asks for SIP order `sip_degree`; if it matched
+        # too few stars for that many polynomial terms (order 3 on 20 stars overfits), it is
+        # run again with the order those stars support.
+        degree = max(1, sip_degree)
         second = tmp / "pass2"
-        cmd2 = common + ["--dir", str(tmp), "--out", second.name, "--verify", str(wcs_file),
-                         "--tweak-order", str(degree), "--objs", "1000",
-                         "--corr", str(tmp / "pass2.corr"), str(path)]
-        ok, message = _run_solve_field(cmd2, timeout_s)
+        while True:
+            cmd2 = common + ["--dir", str(tmp), "--out", second.name, "--verify", str(wcs_file),
+                             "--tweak-order", str(degree), "--objs", "1000",
+                             "--corr", str(tmp / "pass2.corr"), str(path)]
+            ok, message = _run_solve_field(cmd2, timeout_s)
+            corr2 = tmp / "pass2.corr"
+            n_second = len(_read_corr(corr2)) if ok and corr2.exists() else 0
+            supported = max(1, sip_degree_for(n_second, degree))
+            if not ok or supported >= degree:
+                break
+            degree = supported
         final = tmp / "pass2.wcs" if (tmp / "pass2.wcs").exists() else wcs_file
         degree = degree if final.name == "pass2.wcs" else 2
         degree = degree if degree >= 2 else 0  # order 1 is a plain TAN projection

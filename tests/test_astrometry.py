@@ -392,7 +392,10 @@ def test_solve_field_two_passes(tmp_path, field):
     assert cfg.exists()
     sol = ast.solve_field(path, cfg, scale_arcsec=SCALE)
     assert sol.success, sol.reason
-    assert sol.n_matched > 20
-    assert sol.sip_degree in (0, 2, 3)  # lowered when pass 1 matched few stars
+    assert sol.n_matched > 60
+    assert sol.sip_degree == 3  # the refinement of the original course, on all stars
+    # The book's accuracy targets (0.05 px RMS, 0.2 px worst) are for the default backend;
+    # this one is the comparison (README benchmarks) and must give a sound TAN-SIP solution.
     err = ast.grid_errors(sol.wcs, wcs, SHAPE)
-    assert np.sqrt(np.mean(err**2)) < 0.3
+    assert np.sqrt(np.mean(err**2)) < 0.1
+    assert err.max() < 0.3
