@@ -65,10 +65,7 @@ def load_gaia(ra_deg: float, dec_deg: float, radius_deg: float, *, source: str |
     if source == "sample":
         table = _read_sample(data_dir, "gaia.ecsv")
     else:
-        cache = _cache_path(cache_dir, "gaiadr3", ra_deg, dec_deg, radius_deg)
-        if cache.exists():
-            table = Table.read(cache)
-        else:
+        def fetch() -> Table:
             raw = query_vizier(GAIA_VIZIER, list(GAIA_COLUMNS), ra_deg, dec_deg, radius_deg,
                                vizier=vizier)
             table = Table()
@@ -77,7 +74,9 @@ def load_gaia(ra_deg: float, dec_deg: float, radius_deg: float, *, source: str |
                     table[gaia_name] = raw[vizier_name]
             table["ref_epoch"] = np.full(len(table), GAIA_DR3_EPOCH)
             table.meta["source"] = f"VizieR {GAIA_VIZIER}"
-            _write_cache(table, cache)
+            return table
+
+        table = _cached_query(cache_dir, "gaiadr3", ra_deg, dec_deg, radius_deg, fetch)
     table = cone(table, ra_deg, dec_deg, radius_deg, ra_col="ra", dec_col="dec")
     if mag_limit is not None:
         table = table[np.asarray(table["phot_g_mean_mag"], float) <= mag_limit]
@@ -106,14 +105,13 @@ def load_refcat2(ra_deg: float, dec_deg: float, radius_deg: float, *,
     if source == "sample":
         table = _read_sample(data_dir, "refcat2.ecsv")
     else:
-        cache = _cache_path(cache_dir, "refcat2", ra_deg, dec_deg, radius_deg)
-        if cache.exists():
-            table = Table.read(cache)
-        else:
+        def fetch() -> Table:
             table = query_vizier(REFCAT2_VIZIER, REFCAT2_COLUMNS, ra_deg, dec_deg, radius_deg,
                                  vizier=vizier)
             table.meta["source"] = f"VizieR {REFCAT2_VIZIER}"
-            _write_cache(table, cache)
+            return table
+
+        table = _cached_query(cache_dir, "refcat2", ra_deg, dec_deg, radius_deg, fetch)
     return cone(table, ra_deg, dec_deg, radius_deg, ra_col="RA_ICRS", dec_col="DE_ICRS")
 
 
@@ -201,6 +199,17 @@ def _cache_path(cache_dir: Path, name: str, ra_deg: float, dec_deg: float,
     """Cache file of one cone search (the position rounded to 0.0001 deg)."""
     return (Path(cache_dir) / "catalogs"
             / f"{name}_{ra_deg:09.4f}_{dec_deg:+08.4f}_{radius_deg:.4f}.ecsv")
+
+
+def _cached_query(cache_dir: Path, name: str, ra_deg: float, dec_deg: float,
+                  radius_deg: float, fetch) -> Table:
+    """The cached answer of one cone search, or ``fetch()``'s answer, cached for next time."""
+    cache = _cache_path(cache_dir, name, ra_deg, dec_deg, radius_deg)
+    if cache.exists():
+        return Table.read(cache)
+    table = fetch()
+    _write_cache(table, cache)
+    return table
 
 
 def _write_cache(table: Table, path: Path) -> None:
