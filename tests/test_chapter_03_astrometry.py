@@ -114,7 +114,8 @@ def test_mirrored_copy_solves(book_work, truth):
     sky = sol.wcs.pixel_to_world(gx.ravel(), gy.ravel())
     tx, ty = _truth_wcs(truth, name).world_to_pixel(sky)
     err = np.hypot(tx - (nx - 1 - gx.ravel()), ty - gy.ravel())
-    assert np.sqrt(np.mean(err**2)) <= 0.1
+    assert np.sqrt(np.mean(err**2)) <= 0.05  # the per-frame targets hold for the copy too
+    assert err.max() <= 0.2
     assert np.linalg.det(sol.wcs.pixel_scale_matrix) > 0  # the other parity
 
 
