@@ -791,12 +791,6 @@ def sip_degree_for(n_stars: int, wanted: int) -> int:
     return 0
 
 
-def _robust_sigma(values: np.ndarray) -> float:
-    """Standard deviation from the median absolute deviation."""
-    values = np.asarray(values, float)
-    return float(1.4826 * np.median(np.abs(values - np.median(values))))
-
-
 # ---------------------------------------------------------------------------------------
 # The pure-Python solver
 # ---------------------------------------------------------------------------------------

@@ -1095,12 +1095,14 @@ def measure_frame(frame: Frame, reference: QTable, radii_arcsec: Sequence[float]
         scintillation noise in the metadata (``SCINT``, relative flux sigma); None: skip.
     """
     if frame.wcs is None:
-        raise ValueError("no WCS in the header (the astrometry chapter did not solve it)")
+        raise ValueError(f"{frame.path.name}: no WCS in the header (chapter 03-astrometry did "
+                         "not solve it); rerun that chapter or leave the frame out")
     x, y = world_to_frame(frame.wcs, reference["sky_centroid_win"])
     ny, nx = frame.data.shape
     on_frame = (x >= -0.5) & (x <= nx - 0.5) & (y >= -0.5) & (y <= ny - 0.5)
     if not on_frame.any():
-        raise ValueError("none of the reference positions falls on this frame")
+        raise ValueError(f"{frame.path.name}: none of the reference positions falls on this "
+                         "frame (another field, or a wrong WCS); check its OBJECT and WCS")
     background = estimate_background(frame.data, box_size=box_size, filter_size=filter_size,
                                      mask=frame.mask)
     crowded = reference["crowded"] if "crowded" in reference.colnames else None

@@ -56,29 +56,6 @@ def _read_primary(path: Path) -> tuple[np.ndarray, fits.Header]:
     raise ValueError(f"{path}: no image data in any HDU. Remove the file from the night folder.")
 
 
-def section_slices(section: str) -> tuple[slice, slice]:
-    """Numpy slices (rows, columns) of a FITS section string like ``"[1:100, 5:20]"``.
-
-    Parameters
-    ----------
-    section : FITS notation, 1-based and inclusive, columns (x) first.
-    """
-    text = section.strip()
-    if not (text.startswith("[") and text.endswith("]")):
-        raise ValueError(f"{section!r} is not a FITS section; write it like '[1:4788, 1:3194]'.")
-    parts = [p.strip() for p in text[1:-1].split(",")]
-    if len(parts) != 2:
-        raise ValueError(f"{section!r}: a FITS section needs two ranges, columns then rows.")
-    bounds = []
-    for part in parts:
-        lo, _, hi = part.partition(":")
-        lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
-        if lo_i < 1 or hi_i < lo_i:
-            raise ValueError(f"{section!r}: ranges must be 1-based and increasing.")
-        bounds.append(slice(lo_i - 1, hi_i))
-    return bounds[1], bounds[0]
-
-
 def overscan_and_trim(ccd: CCDData, overscan_section: str | None = None,
                       trim_section: str | None = None) -> CCDData:
     """Subtract the overscan (median per row or column) and trim, when the sections are set.
@@ -646,15 +623,18 @@ def calibrate_frame(path: str | Path, calibration: Calibration, filter_key: str 
     raw = read_frame(path, overscan_section, trim_section)
     header = raw.header
     if filter_key not in header:
-        raise KeyError(f"no {filter_key} keyword in the header; add it or fix config.filter_key")
+        raise KeyError(f"{path.name}: no {filter_key} keyword in the header; add it or fix "
+                       "config.filter_key")
     band = str(header[filter_key]).strip()
     if band not in calibration.flats:
-        raise KeyError(f"no master flat for filter {band!r}: take flats in that filter")
+        raise KeyError(f"{path.name}: no master flat for filter {band!r}: take flats in that "
+                       "filter")
     exptime = float(header[exptime_key])
     flat = calibration.flats[band]
     if raw.data.shape != flat.shape:
-        raise ValueError(f"shape {raw.data.shape} differs from the master frames' {flat.shape} "
-                         "(binning or sub-frame changed?)")
+        raise ValueError(f"{path.name}: shape {raw.data.shape} differs from the master frames' "
+                         f"{flat.shape} (binning or sub-frame changed?); calibrate it with "
+                         "calibration frames of the same binning and size")
     mask = (calibration.bad_pixels > 0 if calibration.bad_pixels is not None
             else np.zeros(flat.shape, dtype=bool))
     if saturation_adu is not None:

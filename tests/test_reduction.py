@@ -195,13 +195,6 @@ def test_combine_mem_limit_leaves_room_for_the_process():
 # Sections, darks, flats, bad pixels, noise
 # ---------------------------------------------------------------------------------------
 
-def test_section_slices():
-    rows, cols = red.section_slices("[5:10, 1:3]")
-    assert (rows, cols) == (slice(0, 3), slice(4, 10))
-    with pytest.raises(ValueError, match="FITS section"):
-        red.section_slices("5:10, 1:3")
-
-
 def test_overscan_and_trim(tmp_path):
     data = np.full((20, 30), 1000.0)
     data[:, :25] += 50.0  # light-sensitive part; columns 26-30 are overscan
