@@ -16,9 +16,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# Print one setting of config.py (the DATARED_* environment variables apply): $(CONFIG) data_dir
+CONFIG := $(BIN)/python -c 'import sys, config; print(getattr(config, sys.argv[1]))'
+
 # Generate the simulated night where config.py's data_dir points, unless it exists.
 sample: $(STAMP)
-	$(BIN)/python -m datared.simulate --if-missing
+	out="$$($(CONFIG) data_dir)" && preset="$$($(CONFIG) sample_preset)" && \
+	seed="$$($(CONFIG) sample_seed)" && \
+	$(BIN)/python -m datared.sim --if-missing --out "$$out" --preset "$$preset" --seed "$$seed"
 
 book: sample
 	$(BIN)/jupyter-book build . -W -n --keep-going

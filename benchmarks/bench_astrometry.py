@@ -36,7 +36,7 @@ def ensure_full_night(night: Path) -> Path:
     """Generate the full-preset night (two frames per group) unless it is already there."""
     if (night / "truth" / "params.json").exists():
         return night
-    from datared.simulate import simulate_night
+    from datared.sim import simulate_night
 
     print(f"generating a full-size night (2 frames per group) in {night} ...")
     return simulate_night(night, preset="full", max_per_group=2)
@@ -89,8 +89,9 @@ def run_preset(night: Path, n_frames: int, work: Path) -> dict:
     from astropy.wcs import WCS, FITSFixedWarning
 
     import config
-    from datared import astrometry as ast
-    from datared import catalogs
+    from datared import astrometry_net, catalogs, wcsfit
+    from datared import solve as slv
+    from datared.frame import HeaderKeys, frame_epoch
 
     warnings.simplefilter("ignore", FITSFixedWarning)  # header-only truth files
     names = pick_frames(night, n_frames)
@@ -107,7 +108,7 @@ def run_preset(night: Path, n_frames: int, work: Path) -> dict:
         rms, worst = [], []
         for sol in solutions:
             if sol.success:
-                err = ast.grid_errors(sol.wcs, WCS(fits.getheader(night / "truth" / "wcs" / sol.file)),
+                err = wcsfit.grid_errors(sol.wcs, WCS(fits.getheader(night / "truth" / "wcs" / sol.file)),
                                       shape)
                 rms.append(float(np.sqrt(np.mean(err**2))))
                 worst.append(float(err.max()))
@@ -120,29 +121,31 @@ def run_preset(night: Path, n_frames: int, work: Path) -> dict:
             "reasons": sorted({s.reason for s in solutions if not s.success}), **extra,
         }
 
+    settings = slv.SolverSettings(scale_arcsec=config.pixel_scale_arcsec,
+                                  keys=HeaderKeys.from_settings(config),
+                                  gain_e_per_adu=config.gain_e_per_adu)
     solutions = []
     for path in paths:
         with fits.open(path) as hdul:
             data = np.asarray(hdul[0].data, float)
             header = hdul[0].header
         cat = cats[str(header["OBJECT"]).strip()]
-        sol = ast.solve_python(data, header, cat, scale_arcsec=config.pixel_scale_arcsec,
-                               file=path.name, gain_e_per_adu=config.gain_e_per_adu,
+        sol = slv.solve_python(data, header, cat, settings=settings, file=path.name,
                                saturation_adu=0.9 * config.saturation_adu - float(np.median(data)))
         solutions.append(sol)
     record("python", solutions, {})
 
-    if ast.solve_field_available():
-        epoch = ast.frame_epoch(fits.getheader(paths[0]))
+    if astrometry_net.solve_field_available():
+        epoch = frame_epoch(fits.getheader(paths[0]))
         field_arcmin = max(shape) * config.pixel_scale_arcsec / 60
         start = time.perf_counter()
-        cfgs = {name: ast.build_index(cat, work / "index" / name, field_arcmin,
+        cfgs = {name: astrometry_net.build_index(cat, work / "index" / name, field_arcmin,
                                       epoch_jyear=epoch, name=name) for name, cat in cats.items()}
         build_s = time.perf_counter() - start
         solutions = []
         for path in paths:
             target = str(fits.getheader(path)["OBJECT"]).strip()
-            solutions.append(ast.solve_field(path, cfgs[target], scale_arcsec=config.pixel_scale_arcsec))
+            solutions.append(astrometry_net.solve_field(path, cfgs[target], scale_arcsec=config.pixel_scale_arcsec))
         record("astrometry.net", solutions, {"index_build_seconds": build_s})
     return result
 

@@ -11,7 +11,8 @@ uncertainties and peak pixels from the same background map:
   cut-outs, CCD noise equation and flags included).
 
 Prints a markdown table (seconds per frame, best of ``--repeat``; ratio of the two) and
-writes ``benchmarks/results/photometry.json``. Usage:
+writes ``benchmarks/results/photometry.json``. The frames come from
+``tests/synthetic.py`` (Gaussian stars on a flat sky); run from the repository root:
 ``python -m benchmarks.bench_photometry [--repeat N] [--stars N] [--presets small full]``.
 """
 
@@ -35,11 +36,11 @@ GAIN, READ_NOISE = 0.85, 3.6
 
 
 def preset_shape(name: str) -> tuple[int, int]:
-    """Frame shape of a simulator preset (from datared.simulate when it says, else the table)."""
+    """Frame shape of a simulator preset (from datared.sim when it says, else the table)."""
     try:
-        from datared import simulate
+        from datared.sim import PRESETS
 
-        shape = simulate.PRESETS[name].shape
+        shape = PRESETS[name].shape
         return int(shape[0]), int(shape[1])
     except (ImportError, AttributeError, KeyError, TypeError, IndexError):
         return PRESET_SHAPES[name]
@@ -65,14 +66,16 @@ def straightforward(data, background, positions_xy, radii_pix):
 def run_one(name: str, n_stars: int, repeat: int, seed: int = 1) -> dict:
     """Time both approaches on one synthetic frame; returns a result row."""
     from datared import photometry as ph
+    from datared.detection import estimate_background
+    from tests.synthetic import synthetic_star_field
 
     shape = preset_shape(name)
-    image, stars = ph.synthetic_star_field(shape, n_stars, fwhm_pix=4.0, sky_adu=800.0,
-                                           gain_e_per_adu=GAIN, read_noise_e=READ_NOISE,
-                                           flux_range_adu=(2e3, 3e5), margin=15, seed=seed)
-    ph.estimate_background(image[:256, :256])  # imports and first-call set-up not timed
+    image, stars = synthetic_star_field(shape, n_stars, fwhm_pix=4.0, sky_adu=800.0,
+                                        gain_e_per_adu=GAIN, read_noise_e=READ_NOISE,
+                                        flux_range_adu=(2e3, 3e5), margin=15, seed=seed)
+    estimate_background(image[:256, :256])  # imports and first-call set-up not timed
     t0 = time.perf_counter()
-    background = ph.estimate_background(image)
+    background = estimate_background(image)
     t_background = time.perf_counter() - t0
     positions = np.column_stack([stars["x"], stars["y"]])
     radii_pix = [r / PIXEL_SCALE for r in RADII_ARCSEC]
@@ -87,8 +90,9 @@ def run_one(name: str, n_stars: int, repeat: int, seed: int = 1) -> dict:
 
     t_slow, slow = timed(lambda: straightforward(image, background, positions, radii_pix))
     t_fast, fast = timed(lambda: ph.forced_photometry(
-        image, stars["x"], stars["y"], RADII_ARCSEC, PIXEL_SCALE, background,
-        gain_e_per_adu=GAIN, read_noise_e=READ_NOISE, saturation_adu=6e4))
+        image, stars["x"], stars["y"], RADII_ARCSEC, pixel_scale_arcsec=PIXEL_SCALE,
+        background=background, gain_e_per_adu=GAIN, read_noise_e=READ_NOISE,
+        saturation_adu=6e4))
     worst = 0.0
     for radius_arcsec, radius_pix in zip(RADII_ARCSEC, radii_pix, strict=True):
         tag = ph.radius_tag(radius_arcsec)

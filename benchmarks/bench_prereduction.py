@@ -38,7 +38,7 @@ def ensure_night(night: Path, frames: int) -> Path:
     """Generate the full-preset night into ``night`` unless it is already there."""
     if (night / "truth" / "params.json").exists():
         return night
-    from datared.simulate import simulate_night
+    from datared.sim import simulate_night
 
     print(f"generating a full-size night with at most {frames} frames per group in {night} ...")
     simulate_night(night, preset="full", max_per_group=frames)
@@ -72,7 +72,7 @@ def _frames(night: Path, kind: str, band: str | None = None) -> list[Path]:
     from datared import reduction as red
     from datared.io import night_collection
 
-    collection = night_collection(night)
+    collection = night_collection(night, ignored_subdirs=config.ignored_data_subdirs)
     extra = {config.filter_key: band} if band else {}
     return red.frames_of_type(collection, config.imagetyp_key, config.imagetyp[kind], **extra)
 
@@ -81,12 +81,16 @@ def _masters(night: Path, work: Path, budget: float) -> dict:
     """Master bias and darks written to ``work`` (done once, not timed)."""
     import config
     from datared import reduction as red
+    from datared.frame import HeaderKeys
 
-    bias, _ = red.build_master_bias(_frames(night, "bias"), work / "scratch", budget)
+    keys = HeaderKeys.from_settings(config)
+    bias, _ = red.build_master_bias(_frames(night, "bias"), scratch_dir=work / "scratch",
+                                    memory_budget=budget)
     red.write_master(bias, work / "masterbias.fits")
-    darks, _ = red.build_master_darks(_frames(night, "dark"), bias.data, work / "scratch", budget,
-                                      config.exptime_key)
-    red.write_master_darks(darks, work, config.exptime_key)
+    darks, _ = red.build_master_darks(_frames(night, "dark"), bias.data,
+                                      scratch_dir=work / "scratch", memory_budget=budget,
+                                      keys=keys)
+    red.write_master_darks(darks, work, keys=keys)
     return {"dark_exptimes": list(darks)}
 
 
@@ -103,6 +107,7 @@ def flat_datared(night: str, work: str, band: str, repeat: int, budget: float) -
     """Master flat with datared (staged, tiled combine); time and peak memory."""
     import config
     from datared import reduction as red
+    from datared.frame import HeaderKeys
 
     work_path = Path(work)
     paths = _frames(Path(night), "flat", band) * repeat
@@ -118,8 +123,9 @@ def flat_datared(night: str, work: str, band: str, repeat: int, budget: float) -
     calibration = _load_calibration(work_path)
     baseline = _peak_rss_bytes()
     start = time.perf_counter()
-    master, _ = red.build_master_flat(linked, calibration, work_path / "scratch", budget,
-                                      config.saturation_adu, config.exptime_key)
+    master, _ = red.build_master_flat(linked, calibration, scratch_dir=work_path / "scratch",
+                                      memory_budget=budget, saturation_adu=config.saturation_adu,
+                                      keys=HeaderKeys.from_settings(config))
     seconds = time.perf_counter() - start
     red.write_master(master, work_path / f"masterflat_{band}_datared_x{repeat}.fits")
     shutil.rmtree(links)
@@ -170,6 +176,7 @@ def lights_datared(night: str, work: str, band: str, n_lights: int) -> dict:
     """Calibrate science frames with datared.reduction.calibrate_lights."""
     import config
     from datared import reduction as red
+    from datared.frame import HeaderKeys
 
     work_path = Path(work)
     paths = _frames(Path(night), "light", band)[:n_lights]
@@ -178,7 +185,8 @@ def lights_datared(night: str, work: str, band: str, n_lights: int) -> dict:
         work_path / f"masterflat_{band}_datared_x1.fits").data
     start = time.perf_counter()
     table, log = red.calibrate_lights(paths, calibration, work_path / "datared",
-                                      config.filter_key, config.exptime_key, config.saturation_adu)
+                                      keys=HeaderKeys.from_settings(config),
+                                      saturation_adu=config.saturation_adu)
     seconds = time.perf_counter() - start
     return {"frames": len(table), "skipped": len(log), "seconds": seconds,
             "peak_rss": _peak_rss_bytes(), "files": [p.name for p in paths]}

@@ -22,7 +22,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 _CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-from datared.simulate import simulate_night
+from datared.sim import simulate_night
 from astropy.table import Table
 out, preset, per_group = sys.argv[1], sys.argv[2], int(sys.argv[3])
 t0 = time.perf_counter()
@@ -39,7 +39,7 @@ print(json.dumps({"seconds": seconds, "n_frames": len(frames),
 
 def run_preset(preset: str, per_group: int) -> dict:
     """Generate one capped night in a subprocess; return its timing and memory figures."""
-    from datared.simulate import PRESETS
+    from datared.sim import PRESETS
 
     with tempfile.TemporaryDirectory(prefix="datared-bench-sim-") as tmp:
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(Path(tmp) / "night"), preset,

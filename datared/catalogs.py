@@ -43,7 +43,7 @@ class CatalogUnavailableError(RuntimeError):
     """A reference catalogue could neither be read nor downloaded."""
 
 
-def load_gaia(ra_deg: float, dec_deg: float, radius_deg: float, *, source: str | None = None,
+def load_gaia(ra_deg: float, dec_deg: float, radius_deg: float, *, source: str,
               data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
               mag_limit: float | None = None, vizier=None) -> Table:
     """Gaia DR3 stars within ``radius_deg`` of a position.
@@ -52,9 +52,9 @@ def load_gaia(ra_deg: float, dec_deg: float, radius_deg: float, *, source: str |
     ----------
     ra_deg, dec_deg : centre of the cone, degrees (ICRS).
     radius_deg : cone radius, degrees.
-    source : "sample" or "online" (default: ``config.reference_catalog``).
-    data_dir : the night's folder, for "sample" (default: ``config.data_dir``).
-    cache_dir : cache folder, for "online" (default: ``config.cache_dir``).
+    source : "sample" or "online" (``config.reference_catalog``).
+    data_dir : the night's folder, needed for "sample" (``config.data_dir``).
+    cache_dir : cache folder, needed for "online" (``config.cache_dir``).
     mag_limit : keep stars brighter than this G magnitude.
     vizier : an ``astroquery.vizier.VizierClass`` to use (tests pass one with a fake network).
 
@@ -85,7 +85,7 @@ def load_gaia(ra_deg: float, dec_deg: float, radius_deg: float, *, source: str |
 
 
 def load_refcat2(ra_deg: float, dec_deg: float, radius_deg: float, *,
-                 source: str | None = None, data_dir: str | Path | None = None,
+                 source: str, data_dir: str | Path | None = None,
                  cache_dir: str | Path | None = None, vizier=None) -> Table:
     """ATLAS-REFCAT2 stars (g, r, i AB magnitudes) within ``radius_deg`` of a position.
 
@@ -93,9 +93,9 @@ def load_refcat2(ra_deg: float, dec_deg: float, radius_deg: float, *,
     ----------
     ra_deg, dec_deg : centre of the cone, degrees (ICRS).
     radius_deg : cone radius, degrees.
-    source : "sample" or "online" (default: ``config.reference_catalog``).
-    data_dir : the night's folder, for "sample" (default: ``config.data_dir``).
-    cache_dir : cache folder, for "online" (default: ``config.cache_dir``).
+    source : "sample" or "online" (``config.reference_catalog``).
+    data_dir : the night's folder, needed for "sample" (``config.data_dir``).
+    cache_dir : cache folder, needed for "online" (``config.cache_dir``).
     vizier : an ``astroquery.vizier.VizierClass`` to use (tests pass one with a fake network).
 
     Returns a table with VizieR's column names (``RA_ICRS``, ``DE_ICRS`` in degrees,
@@ -172,14 +172,15 @@ def query_vizier(catalog: str, columns: list[str], ra_deg: float, dec_deg: float
 
 
 def _defaults(source, data_dir, cache_dir):
-    """Fill unset arguments from config.py."""
-    import config
-
-    source = source or config.reference_catalog
+    """Check the source and that the folder it needs is given (``data_dir`` or ``cache_dir``)."""
     if source not in ("sample", "online"):
         raise ValueError(f"reference_catalog = {source!r} in config.py: use \"sample\" or "
                          "\"online\"")
-    return source, Path(data_dir or config.data_dir), Path(cache_dir or config.cache_dir)
+    needed = {"sample": ("data_dir", data_dir), "online": ("cache_dir", cache_dir)}[source]
+    if needed[1] is None:
+        raise TypeError(f"a {source!r} reference catalogue needs {needed[0]}= (config.{needed[0]})")
+    return (source, None if data_dir is None else Path(data_dir),
+            None if cache_dir is None else Path(cache_dir))
 
 
 def _read_sample(data_dir: Path, name: str) -> Table:

@@ -1,4 +1,8 @@
-"""Finding the frames of a night, checking prerequisites and logging skipped frames."""
+"""Book I/O: finding the frames of a night, checking a chapter's prerequisites, logging skips.
+
+Nothing here reads the book's settings: the notebooks pass the data folder, the sub-folders
+to ignore and the chapter names in.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,16 @@ from pathlib import Path
 
 from astropy.table import Table
 
+from datared.errors import MissingInputError
+
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz")
 
+#: Sub-folders of a sample night that hold no raw frames (the book's default setting).
+DEFAULT_IGNORED_SUBDIRS = ("truth", "catalogs")
 
-class MissingInputError(FileNotFoundError):
-    """An input that an earlier chapter (or the data) should have provided is missing."""
 
-
-def find_fits(data_dir: str | Path, ignored_subdirs: Iterable[str] = ("truth", "catalogs")) -> list[Path]:
+def find_fits(data_dir: str | Path,
+              ignored_subdirs: Iterable[str] = DEFAULT_IGNORED_SUBDIRS) -> list[Path]:
     """Return all FITS files below ``data_dir`` (sorted), skipping ``ignored_subdirs``."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -36,23 +42,18 @@ def find_fits(data_dir: str | Path, ignored_subdirs: Iterable[str] = ("truth", "
     return files
 
 
-def night_collection(data_dir: str | Path, keywords: Iterable[str] | None = None,
-                     ignored_subdirs: Iterable[str] | None = None):
+def night_collection(data_dir: str | Path, keywords: Iterable[str] | None = None, *,
+                     ignored_subdirs: Iterable[str] = DEFAULT_IGNORED_SUBDIRS):
     """An ``ImageFileCollection`` of every raw frame below ``data_dir`` (all sub-folders).
 
     Parameters
     ----------
     data_dir : folder of the night (read only).
     keywords : header keywords to put in the summary table (default: all).
-    ignored_subdirs : top-level sub-folders that hold no raw frames (default:
-        ``config.ignored_data_subdirs``).
+    ignored_subdirs : top-level sub-folders that hold no raw frames
+        (``config.ignored_data_subdirs``).
     """
     from ccdproc import ImageFileCollection
-
-    if ignored_subdirs is None:
-        import config
-
-        ignored_subdirs = config.ignored_data_subdirs
 
     data_dir = Path(data_dir)
     files = find_fits(data_dir, ignored_subdirs)
@@ -133,40 +134,3 @@ class SkipLog:
         """The skipped frames as a table with columns ``file`` and ``reason``."""
         return Table(rows=self.skipped or None, names=("file", "reason"),
                      dtype=(str, str))
-
-
-def header_pointing(header, ra_key: str = "RA", dec_key: str = "DEC") -> tuple[float, float]:
-    """The telescope pointing in a header as (RA, Dec) in degrees.
-
-    Accepts numbers in degrees (NINA's ``RA``/``DEC``) and sexagesimal strings, which many
-    other programs write (``OBJCTRA = '05 52 18.0'`` in hours, ``OBJCTDEC = '+32 33 12'`` in
-    degrees). Raises ``KeyError`` or ``ValueError`` naming the keyword when it is missing or
-    unreadable.
-
-    Parameters
-    ----------
-    header : FITS header (or any mapping) of the frame.
-    ra_key, dec_key : keywords of the pointing (``config.ra_key``, ``config.dec_key``).
-    """
-    from astropy.coordinates import Angle
-
-    values = []
-    for key, sexagesimal_unit in ((ra_key, "hourangle"), (dec_key, "deg")):
-        if key not in header:
-            raise KeyError(f"the header has no {key} keyword (pointing); set ra_key/dec_key in "
-                           "config.py to the keywords your software writes")
-        value = header[key]
-        try:
-            values.append(float(value))
-            continue
-        except (TypeError, ValueError):
-            pass
-        try:
-            values.append(Angle(str(value).strip(), unit=sexagesimal_unit).deg)
-        except ValueError:
-            raise ValueError(f"cannot read {key} = {value!r} as an angle (degrees, or "
-                             "sexagesimal hours for RA / degrees for Dec)") from None
-    ra, dec = values
-    if not (0.0 <= ra < 360.0 and -90.0 <= dec <= 90.0):
-        raise ValueError(f"{ra_key}, {dec_key} = {ra}, {dec} degrees is not a position on the sky")
-    return ra, dec

@@ -1,10 +1,18 @@
-"""Pre-reduction machinery: memory-budgeted combines, master frames, bad pixels, calibration.
+"""Pre-reduction: from raw frames to master frames and calibrated science frames.
 
-The notebook ``02-pre-reduction`` shows each step on the data; this module holds the parts
-that are not the lesson: reading raw frames robustly, staging processed frames on disk so
-that a combine of any number of full-size frames stays under a memory budget, choosing a
-master dark for an exposure time, building a bad-pixel mask and calibrating science frames
-quickly and identically to the plain ``ccdproc`` recipe.
+This module owns everything between a raw frame and a calibrated one: reading raw frames
+(:func:`read_raw`, with overscan and trim), memory-budgeted combines of staged frames, the
+master bias, darks and flats and their files in the work folder, the bad-pixel mask, the
+choice and scaling of a master dark for an exposure time, and the calibration of science
+frames (written with :func:`datared.frame.write_frame`, read back elsewhere with
+:func:`datared.frame.read_frame`). It also reads the masters back for later chapters
+(:func:`load_calibration_terms`).
+
+The chapter ``notebooks/02-pre-reduction.ipynb`` shows each step with the plain library
+call first; the helpers here repeat it for the whole night, identically to the plain
+``ccdproc`` recipe. Header keywords come in as a :class:`~datared.frame.HeaderKeys`; a
+frame whose header lacks one raises :class:`~datared.errors.FrameError` naming the file.
+Nothing here reads the book's settings.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ from astropy.stats import mad_std
 from astropy.table import Table
 from astropy.wcs import FITSFixedWarning
 
-from datared.io import SkipLog
+from datared.errors import FRAME_ERRORS, FrameError
+from datared.frame import HeaderKeys, number_value, text_value, write_frame
+from datared.io import SkipLog, require
 
 #: Bits of the bad-pixel mask written to ``badpixels.fits``.
 BAD_HOT = 1  # dark current far above the typical pixel (from the master dark)
@@ -33,8 +43,8 @@ BAD_LOW_RESPONSE = 2  # dead or weak pixel (flat response far below its neighbou
 BAD_HIGH_RESPONSE = 4  # over-responsive pixel (flat response far above its neighbours)
 BAD_PIXEL_BITS = {BAD_HOT: "hot", BAD_LOW_RESPONSE: "low response", BAD_HIGH_RESPONSE: "high response"}
 
-#: Errors that make one frame unusable without stopping a loop.
-FRAME_ERRORS = (OSError, ValueError, KeyError, TypeError, u.UnitsError)
+#: The NINA keywords, used when no :class:`~datared.frame.HeaderKeys` is passed.
+DEFAULT_KEYS = HeaderKeys()
 
 
 # ---------------------------------------------------------------------------------------
@@ -56,7 +66,7 @@ def _read_primary(path: Path) -> tuple[np.ndarray, fits.Header]:
     raise ValueError(f"{path}: no image data in any HDU. Remove the file from the night folder.")
 
 
-def overscan_and_trim(ccd: CCDData, overscan_section: str | None = None,
+def overscan_and_trim(ccd: CCDData, *, overscan_section: str | None = None,
                       trim_section: str | None = None) -> CCDData:
     """Subtract the overscan (median per row or column) and trim, when the sections are set.
 
@@ -76,9 +86,11 @@ def overscan_and_trim(ccd: CCDData, overscan_section: str | None = None,
     return ccd
 
 
-def read_frame(path: str | Path, overscan_section: str | None = None,
-               trim_section: str | None = None) -> CCDData:
+def read_raw(path: str | Path, *, overscan_section: str | None = None,
+             trim_section: str | None = None) -> CCDData:
     """Read a raw frame as float32 ``CCDData`` in ADU (overscan-subtracted and trimmed if set).
+
+    Calibrated frames are read with :func:`datared.frame.read_frame` instead.
 
     Parameters
     ----------
@@ -94,7 +106,8 @@ def read_frame(path: str | Path, overscan_section: str | None = None,
         header.remove(key, ignore_missing=True)
     ccd = CCDData(data.astype(np.float32), unit="adu", meta=header)
     if overscan_section or trim_section:
-        ccd = overscan_and_trim(ccd, overscan_section, trim_section)
+        ccd = overscan_and_trim(ccd, overscan_section=overscan_section,
+                                trim_section=trim_section)
         ccd.data = ccd.data.astype(np.float32, copy=False)
     return ccd
 
@@ -142,16 +155,19 @@ def robust_level_noise(data: np.ndarray, step: int = 1) -> tuple[float, float]:
     return float(np.median(sample)), float(mad_std(sample))
 
 
-def frame_statistics(paths: Iterable[str | Path], exptime_key: str = "EXPTIME",
+def frame_statistics(paths: Iterable[str | Path], *, keys: HeaderKeys = DEFAULT_KEYS,
                      overscan_section: str | None = None, trim_section: str | None = None,
                      step: int = 2, progress: bool = True) -> Table:
     """Level and noise of each frame: file, exposure time (s), median (ADU), robust std (ADU).
 
+    A frame without an exposure-time keyword gets NaN there; one that cannot be read, or
+    whose exposure time is not a number, is left out with a printed reason.
+
     Parameters
     ----------
     paths : raw frames.
-    exptime_key : header keyword of the exposure time in seconds.
-    overscan_section, trim_section : see :func:`read_frame`.
+    keys : the night's header keywords (``exptime`` is used).
+    overscan_section, trim_section : see :func:`read_raw`.
     step : pixel sampling step for the statistics.
     progress : show a progress bar.
     """
@@ -160,12 +176,14 @@ def frame_statistics(paths: Iterable[str | Path], exptime_key: str = "EXPTIME",
     rows = []
     for path in tqdm(list(paths), desc="statistics", disable=not progress):
         try:
-            ccd = read_frame(path, overscan_section, trim_section)
+            ccd = read_raw(path, overscan_section=overscan_section, trim_section=trim_section)
+            exptime = (number_value(ccd.header, keys, "exptime", file=path)
+                       if keys.exptime in ccd.header else np.nan)
         except FRAME_ERRORS as err:
             print(f"Skipped {Path(path).name}: {err}")
             continue
-        level, noise = robust_level_noise(ccd.data, step)
-        rows.append((Path(path).name, float(ccd.header.get(exptime_key, np.nan)), level, noise))
+        level, noise = robust_level_noise(ccd.data, step=step)
+        rows.append((Path(path).name, exptime, level, noise))
     table = Table(rows=rows or None, names=("file", "exptime_s", "median_adu", "std_adu"),
                   dtype=(str, float, float, float))
     for name in ("median_adu", "std_adu"):
@@ -190,7 +208,7 @@ def process_memory() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def combine_mem_limit(shape: tuple[int, int], memory_budget: float, dtype=np.float32,
+def combine_mem_limit(shape: tuple[int, int], memory_budget: float, *, dtype=np.float32,
                       in_use: float | None = None, safety: float = 0.8) -> float:
     """The ``mem_limit`` (bytes) to give ``ccdproc.combine`` so that the process stays in budget.
 
@@ -224,7 +242,7 @@ def combine_mem_limit(shape: tuple[int, int], memory_budget: float, dtype=np.flo
     return float(limit)
 
 
-def combine_files(paths: Iterable[str | Path], memory_budget: float,
+def combine_files(paths: Iterable[str | Path], *, memory_budget: float,
                   method: str = "average", sigma_low: float = 5.0, sigma_high: float = 5.0,
                   dtype=np.float32) -> CCDData:
     """Sigma-clipped combine of FITS files with ``ccdproc.combine``, tiled to fit a memory budget.
@@ -247,7 +265,7 @@ def combine_files(paths: Iterable[str | Path], memory_budget: float,
         raise ValueError("combine_files: no frames to combine.")
     header = fits.getheader(paths[0])
     shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
-    mem_limit = combine_mem_limit(shape, memory_budget, dtype)
+    mem_limit = combine_mem_limit(shape, memory_budget, dtype=dtype)
     ccdproc_log = logging.getLogger("astropy")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", VerifyWarning)
@@ -277,7 +295,7 @@ def combine_files(paths: Iterable[str | Path], memory_budget: float,
 
 
 def stage_frames(paths: Iterable[str | Path], scratch_dir: str | Path,
-                 process: Callable[[CCDData], CCDData], skip_log: SkipLog,
+                 process: Callable[[CCDData], CCDData], *, skip_log: SkipLog,
                  check: Callable[[CCDData], str | None] | None = None,
                  overscan_section: str | None = None, trim_section: str | None = None,
                  desc: str = "staging") -> list[Path]:
@@ -291,10 +309,11 @@ def stage_frames(paths: Iterable[str | Path], scratch_dir: str | Path,
     ----------
     paths : raw frames (read only).
     scratch_dir : folder for the staged frames (inside the work folder).
-    process : function from a raw frame (ADU) to the processed frame to combine.
+    process : function from a raw frame (ADU) to the processed frame to combine; a
+        :data:`~datared.errors.FRAME_ERRORS` error it raises skips the frame.
     skip_log : where skipped frames and reasons are recorded.
     check : optional function returning a reason to skip a raw frame, or None.
-    overscan_section, trim_section : see :func:`read_frame`.
+    overscan_section, trim_section : see :func:`read_raw`.
     desc : progress-bar label.
     """
     from tqdm.auto import tqdm
@@ -305,7 +324,7 @@ def stage_frames(paths: Iterable[str | Path], scratch_dir: str | Path,
     for path in tqdm(list(paths), desc=desc):
         path = Path(path)
         try:
-            ccd = read_frame(path, overscan_section, trim_section)
+            ccd = read_raw(path, overscan_section=overscan_section, trim_section=trim_section)
             reason = check(ccd) if check is not None else None
             if reason:
                 skip_log.skip(path, reason)
@@ -348,17 +367,38 @@ def master_dark_name(exptime: float, n_exptimes: int) -> str:
     return "masterdark.fits" if n_exptimes == 1 else f"masterdark_{exptime_label(exptime)}s.fits"
 
 
-def group_by_exptime(paths: Iterable[str | Path], exptime_key: str = "EXPTIME",
+def exposure_time_of(path: str | Path, keys: HeaderKeys = DEFAULT_KEYS) -> float:
+    """Exposure time (s) in a frame's header; FrameError naming the file if missing or bad.
+
+    Parameters
+    ----------
+    path : FITS frame (its primary header is read).
+    keys : the night's header keywords (``exptime`` is used).
+    """
+    return number_value(fits.getheader(path), keys, "exptime", file=path)
+
+
+def group_by_exptime(paths: Iterable[str | Path], *, keys: HeaderKeys = DEFAULT_KEYS,
                      decimals: int = 3) -> dict[float, list[Path]]:
-    """Frames grouped by exposure time (s, rounded to ``decimals``), longest first."""
+    """Frames grouped by exposure time (s, rounded to ``decimals``), longest first.
+
+    Raises :class:`~datared.errors.FrameError` naming the file when a frame has no usable
+    exposure time.
+
+    Parameters
+    ----------
+    paths : FITS frames.
+    keys : the night's header keywords (``exptime`` is used).
+    decimals : exposure times equal to this many decimals (s) form one group.
+    """
     groups: dict[float, list[Path]] = {}
     for path in paths:
-        exptime = round(float(fits.getval(path, exptime_key)), decimals)
+        exptime = round(exposure_time_of(path, keys), decimals)
         groups.setdefault(exptime, []).append(Path(path))
     return dict(sorted(groups.items(), reverse=True))
 
 
-def choose_dark(dark_exptimes: Iterable[float], exptime: float,
+def choose_dark(dark_exptimes: Iterable[float], exptime: float, *,
                 tolerance: float = 1e-3) -> tuple[float | None, bool]:
     """Which master dark to use for a frame of ``exptime`` seconds, and whether to scale it.
 
@@ -386,7 +426,7 @@ def choose_dark(dark_exptimes: Iterable[float], exptime: float,
     return available[-1], True
 
 
-def flat_level_problem(ccd: CCDData, saturation_adu: float, max_fraction: float = 0.8,
+def flat_level_problem(ccd: CCDData, saturation_adu: float, *, max_fraction: float = 0.8,
                        min_level_adu: float = 1000.0, step: int = 4) -> str | None:
     """Why a raw flat is unusable (too bright for the linear range, or too faint), or None.
 
@@ -474,7 +514,7 @@ def flat_response_outliers(master_flat: np.ndarray, low: float = 0.8, high: floa
 
 
 def bad_pixel_mask(shape: tuple[int, int], dark_rate: np.ndarray | None = None,
-                   master_flats: Iterable[np.ndarray] = (), hot_nsigma: float = 10.0,
+                   master_flats: Iterable[np.ndarray] = (), *, hot_nsigma: float = 10.0,
                    low: float = 0.8, high: float = 1.2) -> np.ndarray:
     """Bad-pixel mask (uint8 bit flags: 1 hot, 2 low response, 4 high response).
 
@@ -488,9 +528,9 @@ def bad_pixel_mask(shape: tuple[int, int], dark_rate: np.ndarray | None = None,
     """
     mask = np.zeros(shape, dtype=np.uint8)
     if dark_rate is not None:
-        mask[hot_pixels(dark_rate, hot_nsigma)] |= BAD_HOT
+        mask[hot_pixels(dark_rate, nsigma=hot_nsigma)] |= BAD_HOT
     for flat in master_flats:
-        weak, strong = flat_response_outliers(flat, low, high)
+        weak, strong = flat_response_outliers(flat, low=low, high=high)
         mask[weak] |= BAD_LOW_RESPONSE
         mask[strong] |= BAD_HIGH_RESPONSE
     return mask
@@ -599,40 +639,41 @@ class Calibration:
         return f"dark {name} ({exptime_label(dark_exptime)} s, same exposure)"
 
 
-def calibrate_frame(path: str | Path, calibration: Calibration, filter_key: str = "FILTER",
-                    exptime_key: str = "EXPTIME", saturation_adu: float | None = None,
+def calibrate_frame(path: str | Path, calibration: Calibration, *,
+                    keys: HeaderKeys = DEFAULT_KEYS, saturation_adu: float | None = None,
                     overscan_section: str | None = None, trim_section: str | None = None,
                     gain_e_per_adu: float | None = None, read_noise_e: float | None = None,
                     with_uncertainty: bool = False) -> CCDData:
     """Calibrate one raw science frame: bias, dark (matched or scaled) and flat of its filter.
 
     The result is float32 ADU with the raw header, HISTORY cards of each step, and a mask of
-    bad pixels plus pixels at or above ``saturation_adu`` in the raw frame.
+    bad pixels plus pixels at or above ``saturation_adu`` in the raw frame. A frame that
+    cannot be calibrated (no filter or exposure time in its header, no master flat for its
+    filter, another size) raises :class:`~datared.errors.FrameError` naming the file.
 
     Parameters
     ----------
     path : raw LIGHT frame (read only).
     calibration : master frames.
-    filter_key, exptime_key : header keywords of the filter and exposure time (s).
+    keys : the night's header keywords (``filter`` and ``exptime`` are used).
     saturation_adu : raw level above which pixels are masked as saturated, or None.
-    overscan_section, trim_section : see :func:`read_frame`.
+    overscan_section, trim_section : see :func:`read_raw`.
     gain_e_per_adu, read_noise_e : needed only with ``with_uncertainty`` (electrons/ADU, e-).
     with_uncertainty : attach a per-pixel uncertainty from the CCD noise equation.
     """
     path = Path(path)
-    raw = read_frame(path, overscan_section, trim_section)
+    if with_uncertainty and (gain_e_per_adu is None or read_noise_e is None):
+        raise ValueError("with_uncertainty needs gain_e_per_adu and read_noise_e")
+    raw = read_raw(path, overscan_section=overscan_section, trim_section=trim_section)
     header = raw.header
-    if filter_key not in header:
-        raise KeyError(f"{path.name}: no {filter_key} keyword in the header; add it or fix "
-                       "config.filter_key")
-    band = str(header[filter_key]).strip()
+    band = text_value(header, keys, "filter", file=path)
     if band not in calibration.flats:
-        raise KeyError(f"{path.name}: no master flat for filter {band!r}: take flats in that "
-                       "filter")
-    exptime = float(header[exptime_key])
+        raise FrameError(f"{path.name}: no master flat for filter {band!r}: take flats in that "
+                         "filter")
+    exptime = number_value(header, keys, "exptime", file=path)
     flat = calibration.flats[band]
     if raw.data.shape != flat.shape:
-        raise ValueError(f"{path.name}: shape {raw.data.shape} differs from the master frames' "
+        raise FrameError(f"{path.name}: shape {raw.data.shape} differs from the master frames' "
                          f"{flat.shape} (binning or sub-frame changed?); calibrate it with "
                          "calibration frames of the same binning and size")
     mask = (calibration.bad_pixels > 0 if calibration.bad_pixels is not None
@@ -641,12 +682,10 @@ def calibrate_frame(path: str | Path, calibration: Calibration, filter_key: str 
         mask |= raw.data >= saturation_adu
     uncertainty = None
     if with_uncertainty:
-        if gain_e_per_adu is None or read_noise_e is None:
-            raise ValueError("with_uncertainty needs gain_e_per_adu and read_noise_e")
         signal = raw.data - calibration.bias
         sigma = noise_equation_adu(signal, gain_e_per_adu, read_noise_e) / flat
         uncertainty = StdDevUncertainty(sigma.astype(np.float32), unit="adu")
-    # raw.data is a float32 array of our own (read_frame made it): calibrate it in place.
+    # raw.data is a float32 array of our own (read_raw made it): calibrate it in place.
     data = raw.data
     np.subtract(data, calibration.offset(exptime), out=data)
     np.divide(data, flat, out=data)
@@ -658,16 +697,7 @@ def calibrate_frame(path: str | Path, calibration: Calibration, filter_key: str 
     return CCDData(data, unit="adu", meta=header, mask=mask, uncertainty=uncertainty)
 
 
-def write_frame(ccd: CCDData, path: str | Path) -> Path:
-    """Write a calibrated frame: float32 primary image, MASK (uint8) and UNCERT extensions if set."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ccd.data = np.asarray(ccd.data, dtype=np.float32)
-    ccd.write(path, overwrite=True, hdu_mask="MASK", hdu_uncertainty="UNCERT")
-    return path
-
-
-def write_master(ccd: CCDData | np.ndarray, path: str | Path,
+def write_master(ccd: CCDData | np.ndarray, path: str | Path, *,
                  header: fits.Header | Mapping | None = None,
                  history: Iterable[str] = ()) -> Path:
     """Write a master frame as a float32 (or uint8 for masks) primary image with HISTORY cards.
@@ -728,34 +758,38 @@ def summary_table(frames_in: Mapping[str, int], frames_done: Mapping[str, int],
 # Building the masters and calibrating a night (each step used by the chapter)
 # ---------------------------------------------------------------------------------------
 
-def build_master_bias(paths: Iterable[str | Path], scratch_dir: str | Path,
+def build_master_bias(paths: Iterable[str | Path], *, scratch_dir: str | Path,
                       memory_budget: float, overscan_section: str | None = None,
                       trim_section: str | None = None) -> tuple[CCDData, SkipLog]:
     """Sigma-clipped average of the bias frames (ADU) and the log of skipped frames.
+
+    The same combine as ``ccdproc.combine(frames, method="average", sigma_clip=True,
+    sigma_clip_low_thresh=5, sigma_clip_high_thresh=5, sigma_clip_func=median,
+    sigma_clip_dev_func=mad_std)``, with the frames staged on disk (see :func:`combine_files`).
 
     Parameters
     ----------
     paths : raw bias frames.
     scratch_dir : temporary folder for staged frames (removed afterwards).
     memory_budget : bytes allowed for the combine.
-    overscan_section, trim_section : see :func:`read_frame`.
+    overscan_section, trim_section : see :func:`read_raw`.
     """
     log = SkipLog("bias")
     try:
-        staged = stage_frames(paths, scratch_dir, lambda ccd: ccd, log,
+        staged = stage_frames(paths, scratch_dir, lambda ccd: ccd, skip_log=log,
                               overscan_section=overscan_section, trim_section=trim_section,
                               desc="bias")
         if not staged:
             raise ValueError("no usable bias frames: the night needs BIAS frames "
                              "(see the skipped frames above)")
-        return combine_files(staged, memory_budget), log
+        return combine_files(staged, memory_budget=memory_budget), log
     finally:
         remove_scratch(scratch_dir)
 
 
-def build_master_darks(paths: Iterable[str | Path], master_bias: np.ndarray,
+def build_master_darks(paths: Iterable[str | Path], master_bias: np.ndarray, *,
                        scratch_dir: str | Path, memory_budget: float,
-                       exptime_key: str = "EXPTIME", overscan_section: str | None = None,
+                       keys: HeaderKeys = DEFAULT_KEYS, overscan_section: str | None = None,
                        trim_section: str | None = None) -> tuple[dict[float, CCDData], SkipLog]:
     """Bias-subtracted, sigma-clipped master darks, one per exposure time (s, longest first).
 
@@ -765,39 +799,41 @@ def build_master_darks(paths: Iterable[str | Path], master_bias: np.ndarray,
     master_bias : master bias, ADU.
     scratch_dir : temporary folder for staged frames (removed afterwards).
     memory_budget : bytes allowed for each combine.
-    exptime_key : header keyword of the exposure time in seconds.
-    overscan_section, trim_section : see :func:`read_frame`.
+    keys : the night's header keywords (``exptime`` is used).
+    overscan_section, trim_section : see :func:`read_raw`.
     """
+    import ccdproc
+
     log = SkipLog("dark")
     readable = []
     for path in paths:
         try:
-            fits.getval(path, exptime_key)
+            exposure_time_of(path, keys)
             readable.append(path)
         except FRAME_ERRORS as err:
-            log.skip(path, f"no usable {exptime_key} ({err})")
-    import ccdproc
+            log.skip(path, f"no usable exposure time ({err})")
 
     masters: dict[float, CCDData] = {}
     bias = CCDData(np.asarray(master_bias, dtype=np.float32), unit="adu")
-    for exptime, group in group_by_exptime(readable, exptime_key).items():
+    for exptime, group in group_by_exptime(readable, keys=keys).items():
         scratch = Path(scratch_dir) / f"dark_{exptime_label(exptime)}s"
         try:
-            staged = stage_frames(group, scratch, lambda ccd: ccdproc.subtract_bias(ccd, bias), log,
-                                  overscan_section=overscan_section, trim_section=trim_section,
+            staged = stage_frames(group, scratch, lambda ccd: ccdproc.subtract_bias(ccd, bias),
+                                  skip_log=log, overscan_section=overscan_section,
+                                  trim_section=trim_section,
                                   desc=f"darks {exptime_label(exptime)} s")
             if staged:
-                master = combine_files(staged, memory_budget)
-                master.header[exptime_key] = exptime
+                master = combine_files(staged, memory_budget=memory_budget)
+                master.header[keys.exptime] = exptime
                 masters[exptime] = master
         finally:
             remove_scratch(scratch)
     return masters, log
 
 
-def build_master_flat(paths: Iterable[str | Path], calibration: Calibration,
+def build_master_flat(paths: Iterable[str | Path], calibration: Calibration, *,
                       scratch_dir: str | Path, memory_budget: float, saturation_adu: float,
-                      exptime_key: str = "EXPTIME", overscan_section: str | None = None,
+                      keys: HeaderKeys = DEFAULT_KEYS, overscan_section: str | None = None,
                       trim_section: str | None = None) -> tuple[CCDData | None, SkipLog]:
     """Master flat of one filter: bias- and dark-subtracted flats, each divided by its median,
     sigma-clipped average, normalised to median 1. None if no flat is usable.
@@ -809,31 +845,33 @@ def build_master_flat(paths: Iterable[str | Path], calibration: Calibration,
     scratch_dir : temporary folder for staged frames (removed afterwards).
     memory_budget : bytes allowed for the combine.
     saturation_adu : saturation level used to reject over-exposed flats, ADU.
-    exptime_key : header keyword of the exposure time in seconds.
-    overscan_section, trim_section : see :func:`read_frame`.
+    keys : the night's header keywords (``exptime`` is used).
+    overscan_section, trim_section : see :func:`read_raw`.
     """
     log = SkipLog("flat")
 
     def process(ccd: CCDData) -> CCDData:
-        offset = calibration.offset(float(ccd.header[exptime_key]))
+        # A flat without a usable exposure time raises FrameError: stage_frames skips it
+        # and its skip log names the file.
+        offset = calibration.offset(number_value(ccd.header, keys, "exptime"))
         ccd.data = ccd.data - offset
         return normalise_by_median(ccd)
 
     try:
-        staged = stage_frames(paths, scratch_dir, process, log,
+        staged = stage_frames(paths, scratch_dir, process, skip_log=log,
                               check=lambda ccd: flat_level_problem(ccd, saturation_adu),
                               overscan_section=overscan_section, trim_section=trim_section,
                               desc="flats")
         if not staged:
             return None, log
-        master = normalise_master_flat(combine_files(staged, memory_budget))
+        master = normalise_master_flat(combine_files(staged, memory_budget=memory_budget))
     finally:
         remove_scratch(scratch_dir)
     return master, log
 
 
 def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_dir: str | Path,
-                     filter_key: str = "FILTER", exptime_key: str = "EXPTIME",
+                     *, keys: HeaderKeys = DEFAULT_KEYS,
                      saturation_adu: float | None = None, overscan_section: str | None = None,
                      trim_section: str | None = None, gain_e_per_adu: float | None = None,
                      read_noise_e: float | None = None, with_uncertainty: bool = False,
@@ -844,10 +882,11 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
     ----------
     paths : raw LIGHT frames (read only).
     calibration : master frames.
-    out_dir : output folder (``work_dir/LIGHT_PRERED``).
-    filter_key, exptime_key : header keywords of the filter and the exposure time (s).
+    out_dir : output folder (``work_dir/LIGHT_PRERED``), frames written with
+        :func:`datared.frame.write_frame`.
+    keys : the night's header keywords (``filter`` and ``exptime`` are used).
     saturation_adu : raw level masked as saturated, ADU.
-    overscan_section, trim_section : see :func:`read_frame`.
+    overscan_section, trim_section : see :func:`read_raw`.
     gain_e_per_adu, read_noise_e : gain (e-/ADU) and read noise (e-) for uncertainties and
         cosmic-ray cleaning.
     with_uncertainty : write an UNCERT extension (CCD noise equation).
@@ -859,6 +898,9 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
     """
     from tqdm.auto import tqdm
 
+    # Settings problems stop here, before the loop would skip every frame for them.
+    if (with_uncertainty or cosmic_rays) and (gain_e_per_adu is None or read_noise_e is None):
+        raise ValueError("with_uncertainty and cosmic_rays need gain_e_per_adu and read_noise_e")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = SkipLog("light")
@@ -866,9 +908,12 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
     for path in tqdm(list(paths), desc="calibrating"):
         path = Path(path)
         try:
-            ccd = calibrate_frame(path, calibration, filter_key, exptime_key, saturation_adu,
-                                  overscan_section, trim_section, gain_e_per_adu,
-                                  read_noise_e, with_uncertainty)
+            ccd = calibrate_frame(path, calibration, keys=keys, saturation_adu=saturation_adu,
+                                  overscan_section=overscan_section, trim_section=trim_section,
+                                  gain_e_per_adu=gain_e_per_adu, read_noise_e=read_noise_e,
+                                  with_uncertainty=with_uncertainty)
+            band = text_value(ccd.header, keys, "filter", file=path)
+            exptime = number_value(ccd.header, keys, "exptime", file=path)
             n_cosmic = 0
             if cosmic_rays:
                 before = ccd.mask.copy()
@@ -881,8 +926,7 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
         except FRAME_ERRORS as err:
             log.skip(path, str(err))
             continue
-        exptime = float(ccd.header[exptime_key])
-        rows.append((path.name, str(ccd.header[filter_key]), exptime,
+        rows.append((path.name, band, exptime,
                      calibration.dark_note(exptime), int(np.count_nonzero(ccd.mask)), n_cosmic))
     table = Table(rows=rows or None,
                   names=("file", "filter", "exptime_s", "dark", "masked_pixels", "cosmic_pixels"),
@@ -890,15 +934,15 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
     return table, log
 
 
-def write_master_darks(master_darks: Mapping[float, CCDData], work_dir: str | Path,
-                       exptime_key: str = "EXPTIME") -> list[Path]:
+def write_master_darks(master_darks: Mapping[float, CCDData], work_dir: str | Path, *,
+                       keys: HeaderKeys = DEFAULT_KEYS) -> list[Path]:
     """Write master darks with :func:`master_dark_name` names; remove stale ones first.
 
     Parameters
     ----------
     master_darks : bias-subtracted master darks keyed by exposure time, s.
     work_dir : output folder.
-    exptime_key : header keyword of the exposure time in seconds.
+    keys : the night's header keywords (the exposure time is written to ``keys.exptime``).
     """
     work_dir = Path(work_dir)
     for old in work_dir.glob("masterdark*.fits"):
@@ -906,9 +950,70 @@ def write_master_darks(master_darks: Mapping[float, CCDData], work_dir: str | Pa
     paths = []
     for exptime, master in master_darks.items():
         header = master.header.copy()
-        header[exptime_key] = exptime
+        header[keys.exptime] = exptime
         paths.append(write_master(master, work_dir / master_dark_name(exptime, len(master_darks)),
                                   header=header,
                                   history=[f"datared: bias-subtracted master dark, {exptime:g} s, "
                                            f"{master.header.get('NCOMBINE', '?')} frames"]))
     return paths
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the masters back (for the noise model of later chapters)
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class CalibrationTerms:
+    """What the calibration removed from a frame, for the noise equation and saturation (ADU)."""
+
+    bias: np.ndarray | float
+    dark: np.ndarray | float
+    flat: np.ndarray | float
+    note: str = ""
+
+
+def _master_dark_exptime(path: Path, exptime_key: str) -> float:
+    """Exposure time of a master dark, from its header or its file name (masterdark_<t>s)."""
+    header = fits.getheader(path)
+    if exptime_key in header:
+        return number_value(header, HeaderKeys(exptime=exptime_key), "exptime", file=path)
+    stem = path.stem
+    if stem.startswith("masterdark_") and stem.endswith("s"):
+        try:
+            return float(stem[len("masterdark_"):-1])
+        except ValueError:
+            pass
+    raise FrameError(f"{path}: no {exptime_key} keyword and no exposure time in the file name; "
+                     "rerun notebooks/02-pre-reduction.ipynb to rewrite the master darks")
+
+
+def load_calibration_terms(work_dir: str | Path, filter_name: str, exptime: float, *,
+                           exptime_key: str = "EXPTIME") -> CalibrationTerms:
+    """Master bias, dark signal for ``exptime`` and master flat of ``filter_name`` from work_dir.
+
+    The dark is chosen and scaled as chapter 02 did (:func:`choose_dark`). A missing master
+    bias or flat raises :class:`~datared.errors.MissingInputError` naming chapter 02; no
+    master dark means no dark signal (zero).
+
+    Parameters
+    ----------
+    work_dir : work folder with ``masterbias.fits``, ``masterdark*.fits``,
+        ``masterflat_<filter>.fits``.
+    filter_name : filter of the frame.
+    exptime : exposure time of the frame, s.
+    exptime_key : header keyword of the exposure time in the master darks, s.
+    """
+    work_dir = Path(work_dir)
+    bias = fits.getdata(require(work_dir / "masterbias.fits", chapter="02-pre-reduction"))
+    flat = fits.getdata(require(work_dir / f"masterflat_{filter_name}.fits",
+                                chapter="02-pre-reduction"))
+    darks = {_master_dark_exptime(p, exptime_key): p
+             for p in sorted(work_dir.glob("masterdark*.fits"))}
+    dark_exptime, scale = choose_dark(darks, float(exptime))
+    if dark_exptime is None:
+        dark, note = 0.0, "no master dark: dark signal taken as zero"
+    else:
+        factor = float(exptime) / dark_exptime if scale else 1.0
+        dark = fits.getdata(darks[dark_exptime]).astype(np.float64) * factor
+        note = f"{darks[dark_exptime].name} x {factor:g}"
+    return CalibrationTerms(bias.astype(np.float64), dark, flat.astype(np.float64), note)

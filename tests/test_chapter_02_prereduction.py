@@ -14,7 +14,7 @@ from tests.conftest import checksums
 
 
 def raw_lights(night_dir):
-    collection = night_collection(night_dir)
+    collection = night_collection(night_dir, ignored_subdirs=config.ignored_data_subdirs)
     return red.frames_of_type(collection, config.imagetyp_key, config.imagetyp["light"])
 
 

@@ -15,8 +15,9 @@ from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 
 import config
-from datared import astrometry as ast
-from datared import catalogs
+from datared import catalogs, wcsfit
+from datared import solve as slv
+from datared.frame import HeaderKeys
 
 
 def _wcs(header) -> WCS:
@@ -39,7 +40,7 @@ def solved(book_work, truth):
     for path in sorted(out.glob("*.fits")):
         header = fits.getheader(path)
         shape = (header["NAXIS2"], header["NAXIS1"])
-        err = ast.grid_errors(_wcs(header), _truth_wcs(truth, path.name), shape, n=20)
+        err = wcsfit.grid_errors(_wcs(header), _truth_wcs(truth, path.name), shape, n=20)
         rows.append((path.name, str(header.get("PIERSIDE", "")).strip(), err))
     return rows
 
@@ -99,8 +100,10 @@ def _solve(data, mask, header):
     target = config.targets[str(header["OBJECT"]).strip()]
     cat = catalogs.load_gaia(target["ra_deg"], target["dec_deg"], 0.33, source="sample",
                              data_dir=config.data_dir)
-    return ast.solve_python(data, header, cat, scale_arcsec=config.pixel_scale_arcsec, mask=mask,
-                            gain_e_per_adu=config.gain_e_per_adu,
+    settings = slv.SolverSettings(scale_arcsec=config.pixel_scale_arcsec,
+                                  keys=HeaderKeys.from_settings(config),
+                                  gain_e_per_adu=config.gain_e_per_adu)
+    return slv.solve_python(data, header, cat, settings=settings, mask=mask,
                             saturation_adu=0.9 * config.saturation_adu - float(np.nanmedian(data)))
 
 

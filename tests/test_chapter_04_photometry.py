@@ -12,6 +12,7 @@ from astropy.table import QTable, Table
 
 import config
 from datared import photometry as ph
+from datared.frame import has_celestial_wcs, read_frame
 
 RADII = [float(r) for r in config.aperture_radii_arcsec]
 META_KEYS = ("DATE-OBS", "EXPTIME", "AIRMASS", "FILTER", "OBJECT", "PIERSIDE")
@@ -51,14 +52,15 @@ def frame_catalogs(book_work, phot_dir):
 
 def test_reference_catalogs_have_sky_positions(references):
     for target, reference in references.items():
-        assert isinstance(reference["sky_centroid_win"], SkyCoord), target
+        assert isinstance(reference["sky"], SkyCoord), target
         assert len(reference) > 10, f"{target}: only {len(reference)} reference stars"
         assert list(reference["id"]) == list(range(1, len(reference) + 1))
 
 
 def test_reference_sources_are_true_stars(references, true_stars):
     for target, reference in references.items():
-        _, matched, _ = ph.match_to_catalog(reference["sky_centroid_win"], true_stars["sky"], 1.0)
+        _, matched, _ = ph.match_to_catalog(reference["sky"], true_stars["sky"],
+                                            max_sep_arcsec=1.0)
         assert matched.mean() >= 0.9, (
             f"{target}: only {matched.mean():.1%} of the reference sources lie within 1 arcsec "
             "of a true star")
@@ -67,7 +69,7 @@ def test_reference_sources_are_true_stars(references, true_stars):
 def test_every_frame_with_a_wcs_has_a_catalogue_in_reference_order(book_work, frame_catalogs,
                                                                     references):
     solved = [p for p in sorted((book_work / "ASTROMETRY").glob("*.fits"))
-              if ph.has_celestial_wcs(ph.read_frame(p).header)]
+              if has_celestial_wcs(read_frame(p).header)]
     missing = [p.name for p in solved if p.name not in frame_catalogs]
     assert not missing, f"frames with a WCS but no catalogue: {missing[:5]}"
     for name, table in frame_catalogs.items():
@@ -84,7 +86,7 @@ def test_every_frame_with_a_wcs_has_a_catalogue_in_reference_order(book_work, fr
 
 def _expected_flux(truth, stars, frame_row):
     """True flux (ADU) of constant stars in one frame, from the simulator's convention."""
-    from datared.simulate import star_flux_adu
+    from datared.sim import star_flux_adu
 
     return star_flux_adu(stars, str(frame_row["filter"]), float(frame_row["zeropoint"]),
                          float(frame_row["exptime"]), float(frame_row["airmass"]),
@@ -107,7 +109,7 @@ def _aperture_truth(truth, true_stars, table, frame_row, radius_pix):
     aperture's own-star enclosed fraction, and the share that comes from other stars."""
     from scipy.spatial import cKDTree
 
-    from datared.sky import Moffat
+    from datared.sim.sky import Moffat
 
     beta = truth.params["atmosphere"]["psf_beta"]
     psf = Moffat(float(frame_row["fwhm_arcsec"]) / truth.params["pixel_scale_arcsec"], beta)
@@ -184,7 +186,7 @@ def test_predicted_errors_match_the_scatter_around_the_truth(truth, true_stars, 
 
 def test_saturated_stars_are_flagged(truth, true_stars, references, frame_catalogs):
     """Stars whose true peak reaches saturation_adu in the raw frame carry the flag."""
-    from datared.sky import Moffat
+    from datared.sim.sky import Moffat
 
     params = truth.params
     frames = truth.frames
@@ -195,8 +197,8 @@ def test_saturated_stars_are_flagged(truth, true_stars, references, frame_catalo
     for name, table in frame_catalogs.items():
         row = by_file[name]
         reference = references[table.meta["OBJECT"]]
-        index, matched, _ = ph.match_to_catalog(reference["sky_centroid_win"], true_stars["sky"],
-                                                1.0)
+        index, matched, _ = ph.match_to_catalog(reference["sky"], true_stars["sky"],
+                                                max_sep_arcsec=1.0)
         expected = _expected_flux(truth, true_stars[index], row)
         psf = Moffat(float(row["fwhm_arcsec"]) / params["pixel_scale_arcsec"], beta)
         # Fraction of the flux in the brightest pixel: between a star centred on a pixel and

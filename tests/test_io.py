@@ -69,18 +69,3 @@ def test_skip_log_lists_reasons(capsys):
     assert "a.fits: no flat in filter z" in capsys.readouterr().out
     table = log.table()
     assert len(log) == 1 and list(table["file"]) == ["a.fits"]
-
-
-def test_header_pointing_reads_degrees_and_sexagesimal():
-    from datared.io import header_pointing
-
-    assert header_pointing({"RA": 88.074, "DEC": 32.545}) == (88.074, 32.545)
-    ra, dec = header_pointing({"OBJCTRA": "05 52 18.0", "OBJCTDEC": "+32 33 12"},
-                              "OBJCTRA", "OBJCTDEC")
-    assert ra == pytest.approx(88.075) and dec == pytest.approx(32.5533, abs=1e-4)
-    with pytest.raises(KeyError, match="OBJCTRA"):
-        header_pointing({}, "OBJCTRA", "OBJCTDEC")
-    with pytest.raises(ValueError, match="cannot read RA"):
-        header_pointing({"RA": "somewhere", "DEC": 1.0})
-    with pytest.raises(ValueError, match="not a position"):
-        header_pointing({"RA": 400.0, "DEC": 1.0})

@@ -12,7 +12,11 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.nddata import CCDData
 
+import config
+from datared import errors
 from datared import reduction as red
+from datared.errors import FrameError, MissingInputError
+from datared.frame import HeaderKeys
 from datared.io import SkipLog, night_collection, unreadable_files
 
 SHAPE = (48, 64)
@@ -101,13 +105,15 @@ def sha256s(folder: Path) -> dict[str, str]:
 
 def reduce_mini_night(night: Path, work: Path):
     """The chapter's sequence on a mini night; returns masters, tables and skip logs."""
-    collection = night_collection(night)
+    collection = night_collection(night, ignored_subdirs=config.ignored_data_subdirs)
     bias_files = red.frames_of_type(collection, "IMAGETYP", "BIAS")
     dark_files = red.frames_of_type(collection, "IMAGETYP", "DARK")
     light_files = red.frames_of_type(collection, "IMAGETYP", "LIGHT")
-    master_bias, bias_log = red.build_master_bias(bias_files, work / "scratch", BIG)
+    master_bias, bias_log = red.build_master_bias(bias_files, scratch_dir=work / "scratch",
+                                                  memory_budget=BIG)
     master_darks, dark_log = red.build_master_darks(dark_files, master_bias.data,
-                                                    work / "scratch", BIG)
+                                                    scratch_dir=work / "scratch",
+                                                    memory_budget=BIG)
     calibration = red.Calibration(bias=master_bias.data,
                                   darks={t: d.data for t, d in master_darks.items()})
     flat_logs = {}
@@ -115,8 +121,9 @@ def reduce_mini_night(night: Path, work: Path):
         flat_files = red.frames_of_type(collection, "IMAGETYP", "FLAT", FILTER=band)
         if not flat_files:
             continue
-        master_flat, flat_logs[band] = red.build_master_flat(flat_files, calibration,
-                                                             work / "scratch", BIG, 60000.0)
+        master_flat, flat_logs[band] = red.build_master_flat(
+            flat_files, calibration, scratch_dir=work / "scratch", memory_budget=BIG,
+            saturation_adu=60000.0)
         if master_flat is not None:
             calibration.flats[band] = master_flat.data
     rate = None
@@ -149,7 +156,7 @@ def write_stack(folder: Path, n: int = 5, outlier: float | None = 1e5) -> list[P
 
 def test_sigma_clipping_really_removes_an_outlier(tmp_path):
     paths = write_stack(tmp_path)
-    combined = red.combine_files(paths, BIG)
+    combined = red.combine_files(paths, memory_budget=BIG)
     # The outlier adds 1e5/5 = 2e4 ADU to a plain average; clipped, the pixel is ~100.
     assert abs(combined.data[10, 10] - 100.0) < 3.0
     assert combined.data.dtype == np.float32
@@ -164,7 +171,7 @@ def test_sigma_clipping_really_removes_an_outlier(tmp_path):
 
 def test_combine_tiles_give_the_same_result(tmp_path, monkeypatch):
     paths = write_stack(tmp_path, n=6)
-    whole = red.combine_files(paths, BIG)
+    whole = red.combine_files(paths, memory_budget=BIG)
     tiles = []
     original = ccdproc.combiner.Combiner
 
@@ -176,7 +183,7 @@ def test_combine_tiles_give_the_same_result(tmp_path, monkeypatch):
     monkeypatch.setattr(ccdproc.combiner, "Combiner", CountingCombiner)
     # Leave 20 kB for the stack of tiles: ccdproc must split the frames into strips.
     monkeypatch.setattr(red, "combine_mem_limit", lambda *args, **kwargs: 20_000.0)
-    tiled = red.combine_files(paths, BIG)
+    tiled = red.combine_files(paths, memory_budget=BIG)
     assert len(tiles) > 4
     np.testing.assert_allclose(tiled.data, whole.data, rtol=1e-6)
 
@@ -200,7 +207,7 @@ def test_overscan_and_trim(tmp_path):
     data[:, :25] += 50.0  # light-sensitive part; columns 26-30 are overscan
     data += np.arange(20)[:, None] * 2.0  # a bias level varying with the row
     path = write_raw(tmp_path / "raw.fits", data, IMAGETYP="LIGHT", EXPTIME=1.0)
-    ccd = red.read_frame(path, overscan_section="[26:30, 1:20]", trim_section="[1:25, 1:20]")
+    ccd = red.read_raw(path, overscan_section="[26:30, 1:20]", trim_section="[1:25, 1:20]")
     assert ccd.data.shape == (20, 25)
     assert ccd.data.dtype == np.float32
     np.testing.assert_allclose(ccd.data, 50.0, atol=0.6)
@@ -386,14 +393,15 @@ def test_overexposed_flats_are_skipped(tmp_path):
                        EXPTIME=1.0, FILTER="g")
              for i, level in enumerate([20000.0, 21000.0, 62000.0])]
     cal = red.Calibration(bias=np.zeros(SHAPE, np.float32))
-    master, log = red.build_master_flat(paths, cal, tmp_path / "scratch", BIG, 60000.0)
+    master, log = red.build_master_flat(paths, cal, scratch_dir=tmp_path / "scratch",
+                                        memory_budget=BIG, saturation_adu=60000.0)
     assert [name for name, _ in log.skipped] == ["flat_2.fits"]
     assert master is not None and abs(np.median(master.data) - 1.0) < 1e-6
 
 
 def test_frames_of_type_returns_existing_absolute_paths(tmp_path):
     night = make_night(tmp_path / "night", flat_bands=("g", "r"))
-    collection = night_collection(night)
+    collection = night_collection(night, ignored_subdirs=config.ignored_data_subdirs)
     flats = red.frames_of_type(collection, "IMAGETYP", "FLAT", FILTER="r")
     assert len(flats) == 7 and all(p.is_absolute() and p.exists() for p in flats)
     assert red.frames_of_type(collection, "IMAGETYP", "DARKFLAT") == []
@@ -409,7 +417,7 @@ def test_skiplog_summary_table():
 def test_unreadable_files_are_reported(tmp_path):
     night = make_night(tmp_path / "night", flat_bands=("g",), light_bands=("g",))
     (night / "LIGHT" / "broken.fits").write_bytes(b"this is not a FITS file")
-    collection = night_collection(night)
+    collection = night_collection(night, ignored_subdirs=config.ignored_data_subdirs)
     assert [p.name for p in unreadable_files(collection)] == ["broken.fits"]
     assert len(red.frames_of_type(collection, "IMAGETYP", "LIGHT")) == 2
 
@@ -423,3 +431,110 @@ def test_write_master_darks_names_by_exposure_and_removes_stale_files(tmp_path):
         "masterdark_300s.fits", "masterdark_60s.fits"]
     assert fits.getval(paths[0], "EXPTIME") == 300.0
     assert fits.getdata(paths[1]).dtype == np.dtype(">f4")
+
+
+# ---------------------------------------------------------------------------------------
+# Header keywords, frame errors and reading the masters back
+# ---------------------------------------------------------------------------------------
+
+def test_frame_errors_are_the_projects_and_exclude_bugs():
+    assert red.FRAME_ERRORS is errors.FRAME_ERRORS
+    for bug in (KeyError("EXPTIME"), TypeError("None * 2")):
+        assert not isinstance(bug, red.FRAME_ERRORS)
+
+
+def strip_keyword(path: Path, key: str) -> Path:
+    with fits.open(path, mode="update") as hdul:
+        del hdul[0].header[key]
+    return path
+
+
+def test_a_light_without_a_keyword_raises_frame_error_naming_the_file(tmp_path):
+    night = make_night(tmp_path / "night", flat_bands=("g",), light_bands=("g",))
+    lights = sorted((night / "LIGHT").glob("*.fits"))
+    strip_keyword(lights[0], "FILTER")
+    strip_keyword(lights[1], "EXPTIME")
+    cal = red.Calibration(bias=true_bias().astype(np.float32),
+                          flats={"g": true_flat("g").astype(np.float32)})
+    with pytest.raises(FrameError, match=f"{lights[0].name}.*FILTER.*filter_key"):
+        red.calibrate_frame(lights[0], cal)
+    with pytest.raises(FrameError, match=f"{lights[1].name}.*EXPTIME.*exptime_key"):
+        red.calibrate_frame(lights[1], cal)
+    table, log = red.calibrate_lights(lights, cal, tmp_path / "out")
+    assert len(table) == 0
+    reasons = dict(log.skipped)
+    assert "FILTER" in reasons[lights[0].name] and "EXPTIME" in reasons[lights[1].name]
+
+
+def test_keywords_come_from_header_keys(tmp_path):
+    """A night whose software writes EXPOSURE and FILT instead of NINA's names."""
+    night = make_night(tmp_path / "night", flat_bands=("g",), light_bands=("g",))
+    keys = HeaderKeys(exptime="EXPOSURE", filter="FILT")
+    for path in sorted(night.rglob("*.fits")):
+        with fits.open(path, mode="update") as hdul:
+            header = hdul[0].header
+            header["EXPOSURE"] = header.pop("EXPTIME")
+            header["FILT"] = header.pop("FILTER")
+    darks = sorted((night / "DARK").glob("*.fits"))
+    stats = red.frame_statistics(darks[:2], keys=keys, progress=False)
+    assert list(stats["exptime_s"]) == [60.0, 60.0]
+    assert np.all(np.isnan(red.frame_statistics(darks[:1], progress=False)["exptime_s"]))
+    bias = np.full(SHAPE, BIAS_LEVEL, np.float32)
+    masters, log = red.build_master_darks(darks, bias, scratch_dir=tmp_path / "scratch",
+                                          memory_budget=BIG, keys=keys)
+    assert list(masters) == [60.0] and len(log) == 0
+    assert masters[60.0].header["EXPOSURE"] == 60.0
+    # With NINA's names the same darks have no exposure time: skipped, each one named.
+    masters, log = red.build_master_darks(darks, bias, scratch_dir=tmp_path / "scratch",
+                                          memory_budget=BIG)
+    assert masters == {} and [name for name, _ in log.skipped] == [p.name for p in darks]
+    assert all("EXPTIME" in reason for _, reason in log.skipped)
+    cal = red.Calibration(bias=true_bias().astype(np.float32), darks={60.0: masters_rate()},
+                          flats={"g": true_flat("g").astype(np.float32)})
+    light = sorted((night / "LIGHT").glob("*.fits"))[0]
+    ccd = red.calibrate_frame(light, cal, keys=keys)
+    assert "scaled 60 s -> 30 s" in str(ccd.header["HISTORY"])
+    table, _ = red.calibrate_lights([light], cal, tmp_path / "out", keys=keys)
+    assert list(table["filter"]) == ["g"] and list(table["exptime_s"]) == [30.0]
+    paths = red.write_master_darks({60.0: CCDData(masters_rate(), unit="adu")}, tmp_path,
+                                   keys=keys)
+    assert fits.getval(paths[0], "EXPOSURE") == 60.0
+
+
+def masters_rate() -> np.ndarray:
+    return (true_dark_rate() * 60.0).astype(np.float32)
+
+
+def test_calibration_terms_from_the_work_folder(tmp_path):
+    with pytest.raises(MissingInputError, match="02-pre-reduction"):
+        red.load_calibration_terms(tmp_path, "r", 60.0)
+    fits.PrimaryHDU(np.full((4, 4), 1000.0, np.float32)).writeto(tmp_path / "masterbias.fits")
+    with pytest.raises(MissingInputError, match="masterflat_r.fits"):
+        red.load_calibration_terms(tmp_path, "r", 60.0)
+    fits.PrimaryHDU(np.full((4, 4), 1.1, np.float32)).writeto(tmp_path / "masterflat_r.fits")
+    terms = red.load_calibration_terms(tmp_path, "r", 60.0)
+    assert isinstance(terms, red.CalibrationTerms)
+    assert terms.dark == 0.0 and "no master dark" in terms.note
+    assert np.all(terms.bias == 1000.0) and np.all(terms.flat == pytest.approx(1.1))
+    assert terms.bias.dtype == np.float64 and terms.flat.dtype == np.float64
+    fits.PrimaryHDU(np.full((4, 4), 30.0, np.float32),
+                    fits.Header({"EXPTIME": 120.0})).writeto(tmp_path / "masterdark.fits")
+    terms = red.load_calibration_terms(tmp_path, "r", 60.0)
+    assert np.all(terms.dark == pytest.approx(15.0))  # scaled 120 s -> 60 s
+    assert "masterdark.fits" in terms.note
+
+
+def test_calibration_terms_match_or_scale_the_darks_as_chapter_02(tmp_path):
+    fits.PrimaryHDU(np.zeros((4, 4), np.float32)).writeto(tmp_path / "masterbias.fits")
+    fits.PrimaryHDU(np.ones((4, 4), np.float32)).writeto(tmp_path / "masterflat_g.fits")
+    darks = {t: CCDData(np.full((4, 4), t * 0.1, np.float32), unit="adu") for t in (300.0, 60.0)}
+    red.write_master_darks(darks, tmp_path, keys=HeaderKeys(exptime="EXPOSURE"))
+    # The exposure time is read from the keyword named, else from the file name.
+    for exptime_key in ("EXPOSURE", "EXPTIME"):
+        same = red.load_calibration_terms(tmp_path, "g", 60.0, exptime_key=exptime_key)
+        assert np.all(same.dark == pytest.approx(6.0)) and "masterdark_60s.fits" in same.note
+        scaled = red.load_calibration_terms(tmp_path, "g", 150.0, exptime_key=exptime_key)
+        assert np.all(scaled.dark == pytest.approx(15.0)) and "masterdark_300s.fits x 0.5" in scaled.note
+    (tmp_path / "masterdark_300s.fits").rename(tmp_path / "masterdark_long.fits")
+    with pytest.raises(FrameError, match="masterdark_long.fits"):
+        red.load_calibration_terms(tmp_path, "g", 150.0, exptime_key="EXPTIME")

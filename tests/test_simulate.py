@@ -16,18 +16,19 @@ from astropy.io import fits
 from astropy.table import Table
 
 import config
-from datared import sky
-from datared.instrument import Camera
 from datared.io import night_collection
-from datared.simulate import (
+from datared.sim import (
     PRESETS,
     frame_wcs,
+    is_current_sample_night,
     is_sample_night,
-    main,
     simulate_night,
+    sky,
     star_flux_adu,
     young_scintillation,
 )
+from datared.sim.__main__ import main
+from datared.sim.instrument import Camera
 
 CAM = Camera()
 
@@ -194,14 +195,37 @@ def test_refuses_foreign_folder_and_replaces_previous_night(tmp_path):
     assert not list(tmp_path.glob(".*partial")) and not list(tmp_path.glob(".*old"))
 
 
-def test_cli_if_missing_skips_a_real_night(tmp_path, monkeypatch, capsys):
+def test_cli_if_missing_skips_a_real_night(tmp_path, capsys):
     real = tmp_path / "real"
     (real / "LIGHT").mkdir(parents=True)
     (real / "LIGHT" / "frame.fits").write_bytes(b"")
-    monkeypatch.setattr(config, "data_dir", real)
-    assert main(["--if-missing"]) == 0
+    assert main(["--if-missing", "--out", str(real), "--preset", "tiny", "--seed", "1"]) == 0
     assert "real night" in capsys.readouterr().out
     assert sorted(p.name for p in real.rglob("*")) == ["LIGHT", "frame.fits"]
+
+
+def test_cli_if_missing_generates_once(tmp_path, capsys):
+    out = tmp_path / "night"
+    args = ["--if-missing", "--out", str(out), "--preset", "tiny", "--seed", "5",
+            "--max-per-group", "1", "--no-progress"]
+    assert main(args) == 0
+    assert "Generating" in capsys.readouterr().out
+    assert is_current_sample_night(out, "tiny", 5, max_per_group=1)
+    assert not is_current_sample_night(out, "tiny", 6, max_per_group=1)
+    assert main(args) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_night_of_the_former_module_is_a_sample_night_but_not_current(tmp_path):
+    night = simulate_night(tmp_path / "n", preset="tiny", seed=1, max_per_group=1,
+                           progress=False)
+    params_path = night / "truth" / "params.json"
+    params = json.loads(params_path.read_text())
+    assert params["generator"] == "datared.sim"
+    params["generator"] = "datared.simulate"
+    params_path.write_text(json.dumps(params))
+    assert is_sample_night(night)
+    assert not is_current_sample_night(night, "tiny", 1, max_per_group=1)
 
 
 def test_unknown_preset_is_an_error(tmp_path):

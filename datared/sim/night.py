@@ -1,28 +1,23 @@
-"""Simulate the book's sample night: raw frames, reference catalogues and the ground truth.
+"""Generate the book's sample night: raw frames, reference catalogues and the ground truth.
 
-Command line::
+::
 
-    python -m datared.simulate --preset small --out DIR [--seed N] [--max-per-group N]
-    python -m datared.simulate --if-missing      # at config.data_dir, only if absent
-
-Python::
-
-    from datared.simulate import simulate_night
+    from datared.sim import simulate_night
     simulate_night("sample-night", preset="small", seed=20240215)
 
 The night of 2024-02-15 at Bonn: bias and dark frames in the afternoon, twilight flats in
 g, r, i at dusk, the open cluster M37 in g, r, i (dithered), then a transit of WASP-104 b
 in r with a meridian flip after egress. The same seed gives byte-identical files. See
-``truth/README.md`` of a generated night for every file and convention.
+``truth/README.md`` of a generated night for every file and convention. The stars and the
+atmosphere come from :mod:`datared.sim.sky`, the camera from :mod:`datared.sim.instrument`;
+the command line is :mod:`datared.sim.__main__` (``python -m datared.sim``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,10 +25,16 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from datared import instrument, sky
-from datared.instrument import Camera
+from datared.sim import instrument, sky
+from datared.sim.instrument import Camera
 
-GENERATOR = "datared.simulate"
+#: Recorded as ``generator`` in truth/params.json: how a folder is known as a sample night.
+GENERATOR = "datared.sim"
+#: Generator names of earlier versions of the simulator (their nights are sample nights
+#: too, so that they are replaced rather than mistaken for real data).
+FORMER_GENERATORS = ("datared.simulate",)
+#: Seed of the book's sample night (config.sample_seed).
+DEFAULT_SEED = 20240215
 FORMAT_VERSION = 1
 NIGHT_DATE = "2024-02-15"
 SITE = {"name": "Bonn", "lat_deg": 50.7275, "lon_deg": 7.0706, "height_m": 60.0}
@@ -140,30 +141,35 @@ def source_fingerprint() -> str:
 
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for name in ("simulate.py", "sky.py", "instrument.py"):
+    for name in ("night.py", "sky.py", "instrument.py"):
         digest.update((here / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
-def is_current_sample_night(path: str | Path, preset: str, seed: int) -> bool:
-    """True if ``path`` holds a sample night made by this very code with ``preset`` and ``seed``."""
+def is_current_sample_night(path: str | Path, preset: str, seed: int,
+                            max_per_group: int | None = None) -> bool:
+    """True if ``path`` holds a sample night made by this very code with ``preset``, ``seed``
+    and ``max_per_group`` (None: every frame)."""
     if not is_sample_night(path):
         return False
     params = json.loads((Path(path) / "truth" / "params.json").read_text())
-    return (params.get("source_fingerprint") == source_fingerprint()
+    return (params.get("generator") == GENERATOR
+            and params.get("source_fingerprint") == source_fingerprint()
             and params.get("preset") == preset and params.get("seed") == seed
-            and params.get("max_per_group") is None)
+            and params.get("max_per_group") == max_per_group)
 
 
 def is_sample_night(path: str | Path) -> bool:
-    """True if ``path`` holds a night written by this simulator (truth/params.json)."""
+    """True if ``path`` holds a night written by this simulator or an earlier version of it
+    (``generator`` in truth/params.json)."""
     params = Path(path) / "truth" / "params.json"
     if not params.is_file():
         return False
     try:
-        return json.loads(params.read_text()).get("generator") == GENERATOR
+        generator = json.loads(params.read_text()).get("generator")
     except (ValueError, OSError):
         return False
+    return generator == GENERATOR or generator in FORMER_GENERATORS
 
 
 def sexagesimal(value_deg: float, hours: bool) -> str:
@@ -448,7 +454,7 @@ def _observing_conditions(frames: list[dict], rng: np.random.Generator) -> None:
     return {"seeing_minutes": seeing, "transparency_minutes": transparency}
 
 
-def simulate_night(out_dir: str | Path, preset: str = "small", seed: int = 20240215,
+def simulate_night(out_dir: str | Path, preset: str = "small", seed: int = DEFAULT_SEED,
                    max_per_group: int | None = None, progress: bool = True) -> Path:
     """Generate a simulated night at ``out_dir`` and return its path.
 
@@ -916,7 +922,7 @@ true magnitude `m` in that filter has expected total flux
 enters as `m -> m + (c_f + k2_f * X) * (C - C_ref)` with `c_f` = `atmosphere.colour_term`,
 `k2_f` = `atmosphere.second_order_extinction`, `X` the airmass, `C` the colour in
 `atmosphere.colour_index` (g-r for g and r, r-i for i) and `C_ref` in `atmosphere.colour_ref`.
-`datared.simulate.star_flux_adu` evaluates it. `zeropoint = zp_above_atmosphere - k_f * X +
+`datared.sim.star_flux_adu` evaluates it. `zeropoint = zp_above_atmosphere - k_f * X +
 2.5 log10(transparency)`. The transit host and V1 are additionally multiplied by their light
 curves; every star's flux in every frame scatters by scintillation (Young's formula). Stars
 are rendered with a Moffat PSF truncated and renormalised so each stamp sums to the flux.
@@ -933,53 +939,3 @@ The mid-transit time `planet.t0_bjd_tdb` is {params['planet']['mid_transit_sourc
 The meridian flip (`timing.meridian_flip_utc`) happens after egress: `PIERSIDE` changes from
 West to East and the field is rotated by 180 degrees.
 """
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m datared.simulate",
-                                     description="Generate the simulated sample night.")
-    parser.add_argument("--preset", choices=["small", "full", "tiny"], default="small")
-    parser.add_argument("--out", type=Path, help="folder to create")
-    parser.add_argument("--seed", type=int, default=20240215)
-    parser.add_argument("--max-per-group", type=int, default=None)
-    parser.add_argument("--if-missing", action="store_true",
-                        help="generate at config.data_dir (config.sample_preset, "
-                             "config.sample_seed) only if it holds no sample night")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if args.if_missing:
-        import config
-        from datared.io import find_fits
-
-        target = Path(config.data_dir)
-        if is_current_sample_night(target, config.sample_preset, config.sample_seed):
-            print(f"Sample night already present at {target}: nothing to do.")
-            return 0
-        if is_sample_night(target):
-            print(f"{target} holds a sample night from another version of the simulator (or "
-                  "another preset or seed): generating it again.")
-        elif target.is_dir() and any(target.iterdir()):
-            if find_fits(target):
-                print(f"{target} holds FITS frames but no sample-night truth: treating it as a "
-                      "real night and generating nothing.")
-                return 0
-            print(f"{target} is not empty and holds no night: refusing to write there. Empty "
-                  "it or point DATARED_DATA_DIR elsewhere.", file=sys.stderr)
-            return 1
-        print(f"Generating the {config.sample_preset} sample night (seed {config.sample_seed}) "
-              f"at {target} ...")
-        simulate_night(target, config.sample_preset, config.sample_seed,
-                       progress=not args.no_progress)
-        print(f"Done: {target}")
-        return 0
-    if args.out is None:
-        parser.error("--out DIR is required (or use --if-missing)")
-    out = simulate_night(args.out, args.preset, args.seed, args.max_per_group,
-                         progress=not args.no_progress)
-    print(f"Wrote the {args.preset} night (seed {args.seed}) to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

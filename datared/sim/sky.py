@@ -15,7 +15,7 @@ import numpy as np
 from astropy.table import Table
 
 # ---------------------------------------------------------------------------------------
-# Literature-like parameters (recorded in truth/params.json by datared.simulate)
+# Literature-like parameters (recorded in truth/params.json by datared.sim.night)
 # ---------------------------------------------------------------------------------------
 
 #: M37 = NGC 2099. Age, metallicity, reddening after Hartman et al. (2008, ApJ 675, 1233:

@@ -1,0 +1,499 @@
+"""Star detection for every chapter: background, detection, windowed centroids, FWHM.
+
+One :func:`detect_stars` serves astrometry (a few hundred well-measured stars per frame, fast
+on full-size frames) and photometry (the reference catalogue of a field). It is built on
+``sep``, the library version of Source Extractor's core:
+
+1. the background and its noise (``sep.Background``, a mesh of boxes with a median filter),
+   unless the caller passes its own :class:`BackgroundModel` (chapter 04 does, from
+   :func:`estimate_background`);
+2. matched-filter detection with a Gaussian of the stars' width and deblending
+   (``sep.extract``); frames above 4 Mpx are detected on a 2 x 2 binned copy, which finds
+   the same stars at a quarter of the cost;
+3. windowed centroids on the full-resolution image (``sep.winpos``, Source Extractor's
+   ``XWIN``/``YWIN``), the half-light radius (``sep.flux_radius``), and a flux with its
+   uncertainty in a circle (``sep.sum_circle``);
+4. cuts: sources sharper than a star (cosmic rays, hot pixels: :func:`too_sharp`), two
+   detections of one star, and a signal-to-noise limit.
+
+``benchmarks/bench_detection.py`` compares this with photutils' segmentation on the same
+frames (speed, and the same stars at the same positions).
+
+The FWHM of a frame is estimated as twice the median half-light radius of its bright,
+unsaturated, isolated stars: exact for a Gaussian, a little larger for stars with wings.
+All pixel coordinates are 0-based (numpy, and astropy's ``pixel_to_world``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.table import Table
+
+#: FWHM of a Gaussian in units of its sigma.
+SIGMA_TO_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+#: Columns of the table that :func:`detect_stars` returns (``sky`` only with a WCS).
+DETECTION_COLUMNS = ("id", "x", "y", "flux", "flux_err", "snr", "sigma_xy", "peak", "fwhm",
+                     "ellipticity", "saturated")
+
+
+# ---------------------------------------------------------------------------------------
+# Background
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class BackgroundModel:
+    """A frame's background map, its noise map and the uncertainty of the map itself (ADU)."""
+
+    background: np.ndarray
+    rms: np.ndarray
+    error: np.ndarray
+    box_size: int
+    filter_size: int
+
+    @property
+    def median(self) -> float:
+        """Median background level, ADU per pixel (every 4th pixel: the map is smooth)."""
+        return float(np.median(self.background[::4, ::4]))
+
+    @property
+    def rms_median(self) -> float:
+        """Median pixel-to-pixel noise of the background, ADU (every 4th pixel)."""
+        return float(np.median(self.rms[::4, ::4]))
+
+
+def estimate_background(data: np.ndarray, box_size: int = 64, filter_size: int = 3,
+                        mask: np.ndarray | None = None, source_nsigma: float = 2.0,
+                        dilate_pixels: int = 4) -> BackgroundModel:
+    """Background and noise maps with photutils ``Background2D``, stars masked (two passes).
+
+    The first pass estimates the background with sigma clipping only; pixels more than
+    ``source_nsigma`` times the noise above it (grown by ``dilate_pixels``) are then
+    masked and the background is estimated again, so that star wings do not lift it.
+
+    Parameters
+    ----------
+    data : calibrated image, ADU.
+    box_size : side of the boxes in which the background is estimated, pixels.
+    filter_size : side of the median filter applied to the grid of boxes, in boxes.
+    mask : True for pixels to ignore (bad pixels).
+    source_nsigma : threshold for masking sources before the second pass, in noise sigma.
+    dilate_pixels : how far the source mask is grown, pixels.
+
+    Returns a :class:`BackgroundModel` whose ``error`` approximates the 1-sigma
+    uncertainty of the background map itself (it enters every aperture coherently).
+    """
+    from astropy.stats import SigmaClip
+    from photutils.background import Background2D, MedianBackground, StdBackgroundRMS
+    from scipy import ndimage
+
+    data = np.asarray(data)
+    bad = ~np.isfinite(data)
+    if mask is not None:
+        bad |= np.asarray(mask, dtype=bool)
+    box = int(min(box_size, *data.shape))
+
+    def _run(pixel_mask):
+        return Background2D(data, box, mask=pixel_mask, filter_size=(filter_size, filter_size),
+                            sigma_clip=SigmaClip(sigma=3.0, maxiters=10),
+                            bkg_estimator=MedianBackground(), bkg_rms_estimator=StdBackgroundRMS(),
+                            exclude_percentile=80.0)
+
+    first = _run(bad if bad.any() else None)
+    # For the source mask the coarse grid of box values is enough (no interpolation).
+    rows = np.minimum(np.arange(data.shape[0]) // box, first.background_mesh.shape[0] - 1)
+    cols = np.minimum(np.arange(data.shape[1]) // box, first.background_mesh.shape[1] - 1)
+    coarse = first.background_mesh[np.ix_(rows, cols)]
+    coarse_rms = first.background_rms_mesh[np.ix_(rows, cols)]
+    with np.errstate(invalid="ignore"):
+        above = (data - coarse) > source_nsigma * coarse_rms
+    # Only groups of >= 5 connected pixels count as sources: masking single noise peaks
+    # would cut the top of the noise distribution and bias the background low.
+    labels, n_groups = ndimage.label(above)
+    group_size = np.bincount(labels.ravel(), minlength=n_groups + 1)
+    group_size[0] = 0
+    sources = group_size[labels] >= 5
+    if dilate_pixels > 0:
+        sources = ndimage.binary_dilation(sources, iterations=int(dilate_pixels))
+    try:
+        second = _run(bad | sources)
+    except ValueError:
+        # So crowded that no box keeps 20 % of its pixels: keep the sigma-clipped first pass.
+        second, sources = first, np.zeros_like(sources)
+    background = np.asarray(second.background, dtype=np.float64)
+    rms = np.asarray(second.background_rms, dtype=np.float64)
+    # A box median of n pixels scatters by sqrt(pi/2) * rms / sqrt(n); the median filter over
+    # filter_size**2 boxes is again a median (another factor pi/2 in variance); the spline
+    # interpolation between boxes smooths a little more, which we neglect (conservative).
+    # tests/test_photometry.py checks this against pure-noise images.
+    n_box = box * box * (1.0 - float(np.mean(bad | sources)))
+    efficiency = math.pi / 2.0 / (filter_size * filter_size) if filter_size > 1 else 1.0
+    error = rms * math.sqrt(math.pi / 2.0 / max(n_box, 1.0) * efficiency)
+    return BackgroundModel(background, rms, error, box, filter_size)
+
+
+
+
+def mesh_background(data: np.ndarray, mask: np.ndarray | None = None, *, box_size: int = 64,
+                    filter_size: int = 3) -> BackgroundModel:
+    """A quick background with ``sep.Background`` (one pass, clipped box estimates).
+
+    What :func:`detect_stars` uses when it is given no background: good enough to find and
+    centre stars, and about 30 times faster than :func:`estimate_background` on a full frame.
+    The ``error`` map is not estimated (zeros): use :func:`estimate_background` for
+    photometry.
+
+    Parameters
+    ----------
+    data : image, ADU.
+    mask : True for pixels to ignore.
+    box_size : side of the boxes, pixels.
+    filter_size : side of the median filter over the boxes, in boxes.
+    """
+    image = np.ascontiguousarray(data, dtype=np.float32)
+    bad = ~np.isfinite(image)
+    if mask is not None:
+        bad |= np.asarray(mask, dtype=bool)
+    bkg = _sep_background(image, bad if bad.any() else None, box_size, filter_size)
+    back = bkg.back(dtype=np.float32)
+    rms = bkg.rms(dtype=np.float32)
+    return BackgroundModel(back, rms, np.zeros((1, 1), np.float32), int(min(box_size, *image.shape)),
+                           filter_size)
+
+
+def _sep_background(image: np.ndarray, bad: np.ndarray | None, box_size: int = 64,
+                    filter_size: int = 3):
+    """``sep.Background`` of a float32 image (bad pixels set to 0 and masked)."""
+    import sep
+
+    if bad is not None:
+        image = np.where(bad, np.float32(0.0), image)
+    box = int(min(box_size, *image.shape))
+    return sep.Background(image, mask=bad, bw=box, bh=box, fw=filter_size, fh=filter_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Detection
+# ---------------------------------------------------------------------------------------
+
+def convolve_for_detection(data_sub: np.ndarray, fwhm_pix: float,
+                           mask: np.ndarray | None = None) -> np.ndarray:
+    """Background-subtracted image smoothed with a Gaussian of the seeing FWHM (matched filter).
+
+    Parameters
+    ----------
+    data_sub : background-subtracted image, ADU.
+    fwhm_pix : expected stellar FWHM, pixels.
+    mask : True for pixels to ignore (set to zero before smoothing).
+    """
+    from photutils.segmentation import make_2dgaussian_kernel
+    from scipy import ndimage
+
+    size = 2 * int(math.ceil(1.5 * fwhm_pix)) + 1
+    kernel = make_2dgaussian_kernel(fwhm_pix, size=size).array
+    image = np.where(np.isfinite(data_sub), data_sub, 0.0)
+    if mask is not None:
+        image = np.where(mask, 0.0, image)
+    # The Gaussian kernel is the product of a column and a row profile: two 1D passes give
+    # the same result as the 2D convolution, several times faster.
+    rows = ndimage.convolve1d(image, kernel.sum(axis=0), axis=1, mode="constant", cval=0.0)
+    return ndimage.convolve1d(rows, kernel.sum(axis=1), axis=0, mode="constant", cval=0.0)
+
+
+def too_sharp(peak: np.ndarray, flux: np.ndarray, fwhm_pix: float, noise: np.ndarray | float,
+              factor: float = 3.0, nsigma: float = 5.0) -> np.ndarray:
+    """True for sources whose brightest pixel is too high for a star of their flux (cosmic rays).
+
+    A star of flux F and FWHM f puts about ``0.88 F / f**2`` (Gaussian) into its brightest
+    pixel; a cosmic ray puts most of its charge in one or a few pixels. A source is too
+    sharp when its peak exceeds ``factor`` times that plus ``nsigma`` times the noise.
+
+    Parameters
+    ----------
+    peak : brightest background-subtracted pixel of each source, ADU.
+    flux : flux of each source, ADU.
+    fwhm_pix : stellar FWHM on the frame, pixels.
+    noise : background noise per pixel at each source, ADU.
+    factor : tolerance on the peak of a star (seeing varies, the Gaussian is approximate).
+    nsigma : tolerance for noise, in units of ``noise``.
+    """
+    star_peak = 4.0 * math.log(2.0) / math.pi / float(fwhm_pix) ** 2 * np.asarray(flux, float)
+    return np.asarray(peak, float) > factor * np.clip(star_peak, 0, None) + nsigma * np.asarray(noise)
+
+
+def gaussian_kernel(fwhm_px: float) -> np.ndarray:
+    """A normalised 2D Gaussian of the stars' FWHM, ``2 * ceil(1.5 FWHM) + 1`` pixels wide."""
+    half = int(math.ceil(1.5 * fwhm_px))
+    offs = np.arange(-half, half + 1)
+    sigma = fwhm_px / SIGMA_TO_FWHM
+    kernel = np.exp(-0.5 * (offs[:, None] ** 2 + offs[None, :] ** 2) / sigma**2)
+    return (kernel / kernel.sum()).astype(np.float32)
+
+
+def _bin2(image: np.ndarray) -> np.ndarray:
+    """Mean of 2 x 2 pixel blocks (an odd last row or column is dropped)."""
+    ny, nx = (image.shape[0] // 2) * 2, (image.shape[1] // 2) * 2
+    a = image[:ny, :nx]
+    return np.ascontiguousarray(0.25 * (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2]
+                                        + a[1::2, 1::2]), dtype=np.float32)
+
+
+@dataclass
+class _DetectionImage:
+    """The image that ``sep.extract`` searches: the frame, or a 2 x 2 binned copy of a large
+    one (same stars, a quarter of the pixels), with its mask and noise."""
+
+    image: np.ndarray
+    bad: np.ndarray | None
+    err: float | np.ndarray
+    factor: int
+
+    @classmethod
+    def of(cls, sub: np.ndarray, bad: np.ndarray | None, err: float | np.ndarray):
+        if sub.size <= 4e6:
+            return cls(sub, bad, err, 1)
+        binned_bad = None
+        if bad is not None:
+            ny, nx = (bad.shape[0] // 2) * 2, (bad.shape[1] // 2) * 2
+            binned_bad = np.ascontiguousarray(
+                bad[:ny, :nx].reshape(ny // 2, 2, nx // 2, 2).any(axis=(1, 3)))
+        binned_err = err / 2.0 if np.ndim(err) == 0 else _bin2(np.asarray(err)) / 2.0
+        return cls(_bin2(sub), binned_bad, binned_err, 2)
+
+    def central(self, size: int = 1024) -> tuple[_DetectionImage, tuple[int, int]]:
+        """The central ``size`` x ``size`` full-resolution pixels, and their origin (x, y)."""
+        half = size // (2 * self.factor)
+        ny, nx = self.image.shape
+        y0, x0 = max(0, ny // 2 - half), max(0, nx // 2 - half)
+        cut = (slice(y0, y0 + 2 * half), slice(x0, x0 + 2 * half))
+        err = self.err if np.ndim(self.err) == 0 else np.ascontiguousarray(self.err[cut])
+        bad = None if self.bad is None else np.ascontiguousarray(self.bad[cut])
+        return (_DetectionImage(np.ascontiguousarray(self.image[cut]), bad, err, self.factor),
+                (x0 * self.factor, y0 * self.factor))
+
+
+def _extract(det: _DetectionImage, nsigma: float, fwhm_px: float, min_pixels: int,
+             deblend: bool, limit: int | None, origin: tuple[int, int] = (0, 0)):
+    """``sep.extract`` on a detection image; positions on the full-resolution grid."""
+    import sep
+
+    f = det.factor
+    kernel = gaussian_kernel(max(fwhm_px / f, 1.0))
+    # The smoothed image's noise is the pixel noise times sqrt(sum(kernel**2)) (the kernel
+    # sums to 1): a threshold in those units makes nsigma the significance of the matched
+    # filter, whatever the kernel's width.
+    err = det.err * float(np.sqrt(np.sum(kernel.astype(np.float64) ** 2)))
+    sep.set_extract_pixstack(max(300_000, det.image.size // 4))
+    sep.set_sub_object_limit(4096)
+    objects = sep.extract(det.image, nsigma, err=err, mask=det.bad,
+                          minarea=max(1, min_pixels // (f * f)), filter_kernel=kernel,
+                          filter_type="conv", deblend_nthresh=32 if deblend else 1,
+                          deblend_cont=0.005, clean=True)
+    if limit is not None and len(objects) > limit:
+        objects = objects[np.argsort(objects["flux"])[::-1][:limit]]
+    x = objects["x"] * f + 0.5 * (f - 1) + origin[0]
+    y = objects["y"] * f + 0.5 * (f - 1) + origin[1]
+    a = np.asarray(objects["a"], float)
+    b = np.asarray(objects["b"], float)
+    ellipticity = np.where(a > 0, 1.0 - b / np.where(a > 0, a, 1.0), np.nan)
+    return np.asarray(x, float), np.asarray(y, float), ellipticity
+
+
+def _peaks(sub: np.ndarray, x: np.ndarray, y: np.ndarray, half: int = 1) -> np.ndarray:
+    """Highest pixel within ``half`` pixels of each (rounded) position."""
+    ny, nx = sub.shape
+    offs = np.arange(-half, half + 1)
+    iy = np.clip(np.round(y).astype(int)[:, None, None] + offs[None, :, None], 0, ny - 1)
+    ix = np.clip(np.round(x).astype(int)[:, None, None] + offs[None, None, :], 0, nx - 1)
+    values = sub[iy, ix]
+    return np.nanmax(values.reshape(len(x), -1), axis=1) if len(x) else np.zeros(0)
+
+
+def _usable(flag: np.ndarray) -> np.ndarray:
+    """True where a sep measurement is valid: a window that touches a masked pixel
+    (``APER_HASMASKED``) or the image edge (``APER_TRUNC``) still gives a good value."""
+    import sep
+
+    return (np.asarray(flag) & ~(sep.APER_HASMASKED | sep.APER_TRUNC)) == 0
+
+
+def _half_light_radius(sub, bad, x, y, fwhm_px):
+    import sep
+
+    rmax = np.full(len(x), max(3.0 * fwhm_px, 4.0))
+    radius, flag = sep.flux_radius(sub, x, y, rmax, 0.5, mask=bad, subpix=5)
+    return np.where(_usable(flag), radius, np.nan)
+
+
+def estimate_fwhm(sub: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.ndarray,
+                  peak: np.ndarray, *, saturation_adu: float | None, rms: float,
+                  n_max: int = 50) -> float:
+    """FWHM (pixels): twice the median half-light radius of bright unsaturated isolated stars.
+
+    Parameters
+    ----------
+    sub : background-subtracted image, ADU.
+    bad : True for bad pixels, or None.
+    x, y, peak : detected sources, brightest first (pixels, ADU above the sky).
+    saturation_adu : peak level above the sky at which a star counts as saturated, or None.
+    rms : sky noise per pixel, ADU.
+    n_max : how many stars to use at most.
+    """
+    import sep
+
+    guess = 3.5
+    flux, _, _ = sep.sum_circle(sub, x, y, 2.0 * guess, mask=bad, subpix=5)
+    use = (peak > 20.0 * rms) & ~too_sharp(peak, flux, guess, rms)
+    if saturation_adu is not None:
+        use &= peak < 0.5 * saturation_adu
+    if len(x) > 1:
+        from scipy.spatial import cKDTree
+
+        distance, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=2)
+        use &= distance[:, 1] > 15.0
+    idx = np.flatnonzero(use)[:n_max]
+    if len(idx) < 3:
+        return float("nan")
+    radius = _half_light_radius(sub, bad, x[idx], y[idx], 6.0)
+    radius = radius[np.isfinite(radius) & (radius > 0.3)]
+    return float(2.0 * np.median(radius)) if len(radius) >= 3 else float("nan")
+
+
+def detect_stars(data: np.ndarray, *, mask: np.ndarray | None = None,
+                 background: BackgroundModel | None = None, fwhm_px: float | None = None,
+                 nsigma: float = 3.0, min_pixels: int = 5, deblend: bool = True,
+                 max_stars: int | None = None, min_snr: float = 0.0,
+                 saturation_adu: float | None = None, gain_e_per_adu: float = 1.0,
+                 aperture_fwhm: float = 1.5, reject_sharp: bool = True, wcs=None) -> Table:
+    """Find the stars of a frame and measure windowed centroids, fluxes and sizes.
+
+    Parameters
+    ----------
+    data : calibrated image, ADU.
+    mask : True where pixels are bad.
+    background : the frame's background; None estimates one with :func:`mesh_background`.
+    fwhm_px : the stars' FWHM, pixels; None measures it (:func:`estimate_fwhm`).
+    nsigma : detection threshold of the matched-filtered image, in noise sigma.
+    min_pixels : minimum number of connected pixels above the threshold.
+    deblend : split touching sources.
+    max_stars : keep at most this many stars (the brightest), or all.
+    min_snr : keep stars whose flux S/N is at least this.
+    saturation_adu : peak level above the sky at which a star counts as saturated, ADU.
+    gain_e_per_adu : detector gain (the Poisson part of the flux error).
+    aperture_fwhm : radius of the flux circle, in FWHM.
+    reject_sharp : drop sources sharper than a star (:func:`too_sharp`).
+    wcs : the frame's WCS; adds the column ``sky`` (SkyCoord of each centroid).
+
+    Returns a table sorted from bright to faint with :data:`DETECTION_COLUMNS`: ``x``, ``y``
+    (windowed centroid, 0-based pixels), ``flux`` and ``flux_err`` (ADU in a circle of
+    ``aperture_fwhm`` FWHM), ``snr``, ``sigma_xy`` (expected position error per axis,
+    pixels), ``peak`` (highest pixel above the sky, ADU), ``fwhm`` (twice the half-light
+    radius, pixels), ``ellipticity`` (1 - b/a of the isophote) and ``saturated``. The
+    metadata hold ``fwhm_px`` (the frame's FWHM, pixels; NaN if no star was found) and
+    ``sky_rms`` (median noise per pixel, ADU).
+    """
+    import sep
+
+    image = np.ascontiguousarray(data, dtype=np.float32)
+    bad = ~np.isfinite(image)
+    if mask is not None:
+        bad |= np.asarray(mask, dtype=bool)
+    bad = bad if bad.any() else None
+    if background is None:  # the fast path: sep's mesh, subtracted in place, scalar noise
+        bkg = _sep_background(image, bad)
+        sub = image.copy()
+        bkg.subfrom(sub)
+        rms = float(bkg.globalrms)
+        err = rms
+    else:
+        sub = image - np.asarray(background.background, dtype=np.float32)
+        err = np.ascontiguousarray(background.rms, dtype=np.float32)
+        rms = float(np.median(err[::4, ::4]))
+    if bad is not None:
+        sub[bad] = 0.0
+    columns = {name: np.zeros(0) for name in DETECTION_COLUMNS}
+    columns["id"] = np.zeros(0, int)
+    columns["saturated"] = np.zeros(0, bool)
+    empty = Table(columns)
+    empty.meta.update(fwhm_px=float("nan"), sky_rms=rms)
+    if not np.isfinite(rms) or rms <= 0:
+        return empty
+    limit = None if max_stars is None else 3 * max_stars + 100
+    det = _DetectionImage.of(sub, bad, err)
+    if fwhm_px is None:  # bright stars of the central 1024 x 1024 pixels are enough
+        centre, origin = det.central()
+        x, y, _ = _extract(centre, max(nsigma, 10.0), 3.5, min_pixels, False, 300, origin)
+        if len(x) < 3:
+            x, y, _ = _extract(det, max(nsigma, 10.0), 3.5, min_pixels, False, 300)
+        x, y = _winpos(sub, bad, x, y, 3.5)
+        fwhm_px = estimate_fwhm(sub, bad, x, y, _peaks(sub, x, y), rms=rms,
+                                saturation_adu=saturation_adu)
+        if not np.isfinite(fwhm_px):
+            if len(x) == 0:
+                return empty
+            fwhm_px = 3.5  # too few good stars to measure: a typical seeing
+    x, y, ellipticity = _extract(det, nsigma, fwhm_px, min_pixels, deblend, limit)
+    if len(x) == 0:
+        empty.meta["fwhm_px"] = float(fwhm_px)
+        return empty
+    radius = aperture_fwhm * fwhm_px
+    if reject_sharp:  # judged where the source was found, before the centroid moves
+        flux0, _, _ = sep.sum_circle(sub, x, y, radius, mask=bad, subpix=5)
+        sharp = too_sharp(_peaks(sub, x, y, half=det.factor), flux0, fwhm_px, rms)
+        x, y, ellipticity = x[~sharp], y[~sharp], ellipticity[~sharp]
+    x, y = _winpos(sub, bad, x, y, fwhm_px)
+    flux, flux_err, _ = sep.sum_circle(sub, x, y, radius, err=err, mask=bad, gain=gain_e_per_adu,
+                                       subpix=5)
+    peak = _peaks(sub, x, y)
+    keep = np.isfinite(x) & np.isfinite(y) & (flux > 0)
+    x, y, flux, flux_err, peak, ellipticity = (a[keep] for a in
+                                               (x, y, flux, flux_err, peak, ellipticity))
+    order = np.argsort(flux)[::-1]
+    x, y, flux, flux_err, peak, ellipticity = (a[order] for a in
+                                               (x, y, flux, flux_err, peak, ellipticity))
+    if len(x) > 1:  # two detections of one star converge to one centroid: keep the brighter
+        from scipy.spatial import cKDTree
+
+        pairs = cKDTree(np.column_stack([x, y])).query_pairs(max(1.0, 0.5 * fwhm_px),
+                                                            output_type="ndarray")
+        single = np.ones(len(x), bool)
+        if len(pairs):
+            single[pairs.max(axis=1)] = False
+        x, y, flux, flux_err, peak, ellipticity = (a[single] for a in
+                                                   (x, y, flux, flux_err, peak, ellipticity))
+    snr = flux / np.where(flux_err > 0, flux_err, np.inf)
+    good = snr >= min_snr
+    x, y, flux, flux_err, peak, ellipticity, snr = (a[good] for a in
+                                                    (x, y, flux, flux_err, peak, ellipticity, snr))
+    if max_stars is not None:
+        x, y, flux, flux_err, peak, ellipticity, snr = (
+            a[:max_stars] for a in (x, y, flux, flux_err, peak, ellipticity, snr))
+    sigma = fwhm_px / SIGMA_TO_FWHM
+    # Position error per axis of a centroid: about sigma_psf * sqrt(2) / SNR (plus a small
+    # floor for pixelisation and PSF asymmetries).
+    sigma_xy = np.hypot(math.sqrt(2.0) * sigma / np.clip(snr, 1e-3, None), 0.01)
+    saturated = (np.zeros(len(x), bool) if saturation_adu is None else peak >= saturation_adu)
+    fwhm = 2.0 * _half_light_radius(sub, bad, x, y, fwhm_px) if len(x) else np.zeros(0)
+    table = Table({"id": np.arange(1, len(x) + 1), "x": x, "y": y, "flux": flux,
+                   "flux_err": flux_err, "snr": snr, "sigma_xy": sigma_xy, "peak": peak,
+                   "fwhm": fwhm, "ellipticity": ellipticity, "saturated": saturated})
+    if wcs is not None:
+        table["sky"] = wcs.pixel_to_world(x, y)
+    table.meta.update(fwhm_px=float(fwhm_px), sky_rms=rms)
+    return table
+
+
+def _winpos(sub, bad, x, y, fwhm_px):
+    """Windowed centroids (``sep.winpos``); the detection position where they fail."""
+    import sep
+
+    if len(x) == 0:
+        return x, y
+    sig = np.full(len(x), fwhm_px / SIGMA_TO_FWHM)
+    xw, yw, flag = sep.winpos(sub, x, y, sig, mask=bad, subpix=5)
+    moved = np.hypot(xw - x, yw - y)
+    ok = _usable(flag) & np.isfinite(xw) & np.isfinite(yw) & (moved < fwhm_px)
+    return np.where(ok, xw, x), np.where(ok, yw, y)
