@@ -12,6 +12,8 @@ Environment variables override the paths without editing this file:
     Folder where every chapter writes its outputs.
 ``DATARED_CACHE_DIR``
     Folder for downloads and the generated sample night.
+``DATARED_SAMPLE_SEED``
+    Seed of the simulated night (another night of the same simulator, in its own folder).
 
 The chapter "Adapting the book to your telescope" (``book/adapting.md``) explains each
 setting.
@@ -33,8 +35,9 @@ repo_dir = Path(__file__).resolve().parent
 #: fast, for the book and CI) or "full" (full 4788x3194 frames, for benchmarks).
 sample_preset = "small"
 
-#: Random seed of the simulated night (the same seed gives byte-identical files).
-sample_seed = 20240215
+#: Random seed of the simulated night (the same seed gives byte-identical files). The
+#: environment variable DATARED_SAMPLE_SEED picks another night of the same simulator.
+sample_seed = int(os.environ.get("DATARED_SAMPLE_SEED", "20240215"))
 
 
 def _default_cache_dir() -> Path:
@@ -50,10 +53,11 @@ def _default_cache_dir() -> Path:
 #: Cache for downloads and the generated sample night.
 cache_dir = Path(os.environ.get("DATARED_CACHE_DIR", _default_cache_dir())).expanduser()
 
-#: Raw frames of the night. Default: the built-in simulated night in the cache.
-data_dir = Path(
-    os.environ.get("DATARED_DATA_DIR", cache_dir / f"sample-night-{sample_preset}")
-).expanduser()
+#: Raw frames of the night. Default: the built-in simulated night in the cache (a night
+#: with another seed than the book's gets its own folder).
+_sample_name = f"sample-night-{sample_preset}" + (
+    "" if sample_seed == 20240215 else f"-seed{sample_seed}")
+data_dir = Path(os.environ.get("DATARED_DATA_DIR", cache_dir / _sample_name)).expanduser()
 
 #: Outputs of every chapter (master frames, calibrated frames, catalogues, figures).
 work_dir = Path(os.environ.get("DATARED_WORK_DIR", repo_dir / "work")).expanduser()

@@ -5,8 +5,8 @@ Frames of the sample night (``small`` preset: ``config.data_dir``) and of a full
 unless it exists) are calibrated with the truth, ``(raw - bias - dark_current * exptime) /
 flat``, into a temporary folder. Per frame, both backends solve it:
 
-- ``python``: :func:`datared.astrometry.solve_python` (pattern match + weighted TAN-SIP fit);
-- ``astrometry.net``: :func:`datared.astrometry.solve_field`, the two-pass ``solve-field``
+- ``python``: :func:`datared.solve.solve_python` (pattern match + weighted TAN-SIP fit);
+- ``astrometry.net``: :func:`datared.astrometry_net.solve_field`, the two-pass ``solve-field``
   run (skipped when it is not installed), with an index built once per target from the
   night's Gaia catalogue (the build time is reported separately).
 

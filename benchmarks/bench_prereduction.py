@@ -95,11 +95,16 @@ def _masters(night: Path, work: Path, budget: float) -> dict:
 
 
 def _load_calibration(work: Path):
+    import config
     from datared import reduction as red
+    from datared.frame import HeaderKeys, number_value
 
+    keys = HeaderKeys.from_settings(config)
     bias = red.read_master(work / "masterbias.fits").data
-    darks = {float(red.read_master(p).header["EXPTIME"]): red.read_master(p).data
-             for p in sorted(work.glob("masterdark*.fits"))}
+    darks = {}
+    for path in sorted(work.glob("masterdark*.fits")):
+        master = red.read_master(path)  # each master dark read once
+        darks[number_value(master.header, keys, "exptime", file=path)] = master.data
     return red.Calibration(bias=bias, darks=darks)
 
 

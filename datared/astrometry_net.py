@@ -140,6 +140,8 @@ def solve_field(path: str | Path, backend_config: str | Path, *, scale_arcsec: f
         degree = max(1, sip_degree)
         second = tmp / "pass2"
         while True:
+            for stale in tmp.glob("pass2.*"):  # a failed rerun must not leave the last WCS
+                stale.unlink()
             cmd2 = common + ["--dir", str(tmp), "--out", second.name, "--verify", str(wcs_file),
                              "--tweak-order", str(degree), "--objs", "1000",
                              "--corr", str(tmp / "pass2.corr"), str(path)]
@@ -151,11 +153,12 @@ def solve_field(path: str | Path, backend_config: str | Path, *, scale_arcsec: f
                 break
             degree = supported
         final = tmp / "pass2.wcs" if (tmp / "pass2.wcs").exists() else wcs_file
-        degree = degree if final.name == "pass2.wcs" else 2
-        degree = degree if degree >= 2 else 0  # order 1 is a plain TAN projection
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
             wcs = WCS(fits.getheader(final))
+        # The degree actually fitted, read from the result (order 1 is a plain TAN).
+        degree = int(wcs.sip.a_order) if wcs.sip is not None else 0
+        degree = degree if degree >= 2 else 0
         wcs.pixel_shape = (shape[1], shape[0])
         corr = tmp / ("pass2.corr" if final.name == "pass2.wcs" else "pass1.corr")
         if corr.exists():

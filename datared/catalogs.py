@@ -23,6 +23,8 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
+from datared.errors import DataredError
+
 GAIA_VIZIER = "I/355/gaiadr3"
 REFCAT2_VIZIER = "J/ApJ/867/105/refcat2"
 
@@ -39,7 +41,7 @@ REFCAT2_COLUMNS = ["RA_ICRS", "DE_ICRS", "Plx", "pmRA", "pmDE", "Gmag", "gmag", 
 GAIA_DR3_EPOCH = 2016.0
 
 
-class CatalogUnavailableError(RuntimeError):
+class CatalogUnavailableError(DataredError, RuntimeError):
     """A reference catalogue could neither be read nor downloaded."""
 
 

@@ -54,7 +54,7 @@ def check_close(a, b, *, what: str, rtol: float = 1e-7, atol: float = 0.0,
 
     Parameters
     ----------
-    a, b : arrays of the same shape (or broadcastable).
+    a, b : arrays of the same shape.
     what : what is compared, for the message ("aperture sums, radius 3 arcsec").
     rtol, atol : tolerances as in ``numpy.isclose``; NaN equals NaN.
     labels : name of each element along the first axis (star ids, file names).

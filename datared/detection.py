@@ -11,16 +11,18 @@ on full-size frames) and photometry (the reference catalogue of a field). It is 
    (``sep.extract``); frames above 4 Mpx are detected on a 2 x 2 binned copy, which finds
    the same stars at a quarter of the cost;
 3. windowed centroids on the full-resolution image (``sep.winpos``, Source Extractor's
-   ``XWIN``/``YWIN``), the half-light radius (``sep.flux_radius``), and a flux with its
-   uncertainty in a circle (``sep.sum_circle``);
+   ``XWIN``/``YWIN``) and a flux with its uncertainty in a circle (``sep.sum_circle``);
 4. cuts: sources sharper than a star (cosmic rays, hot pixels: :func:`too_sharp`), two
    detections of one star, and a signal-to-noise limit.
 
 ``benchmarks/bench_detection.py`` compares this with photutils' segmentation on the same
 frames (speed, and the same stars at the same positions).
 
-The FWHM of a frame is estimated as twice the median half-light radius of its bright,
-unsaturated, isolated stars: exact for a Gaussian, a little larger for stars with wings.
+The FWHM of a frame is the median width at half maximum of its bright, unsaturated,
+isolated stars (:func:`half_maximum_fwhm`: the diameter of the circle with the area of the
+pixels above half the peak), true to its definition whatever the profile. Bad pixels are
+filled from their neighbours before detection (:func:`fill_masked`), so that a hot pixel
+vanishes and a saturated star, whose core calibration masks, stays one round source.
 All pixel coordinates are 0-based (numpy, and astropy's ``pixel_to_world``).
 """
 
@@ -31,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from astropy.table import Table
+
+from datared.errors import FrameError
 
 #: FWHM of a Gaussian in units of its sigma.
 SIGMA_TO_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -65,7 +69,7 @@ class BackgroundModel:
         return float(np.median(self.rms[::4, ::4]))
 
 
-def estimate_background(data: np.ndarray, box_size: int = 64, filter_size: int = 3,
+def estimate_background(data: np.ndarray, *, box_size: int = 64, filter_size: int = 3,
                         mask: np.ndarray | None = None, source_nsigma: float = 2.0,
                         dilate_pixels: int = 4) -> BackgroundModel:
     """Background and noise maps with photutils ``Background2D``, stars masked (two passes).
@@ -137,36 +141,11 @@ def estimate_background(data: np.ndarray, box_size: int = 64, filter_size: int =
 
 
 
-def mesh_background(data: np.ndarray, mask: np.ndarray | None = None, *, box_size: int = 64,
-                    filter_size: int = 3) -> BackgroundModel:
-    """A quick background with ``sep.Background`` (one pass, clipped box estimates).
-
-    What :func:`detect_stars` uses when it is given no background: good enough to find and
-    centre stars, and about 30 times faster than :func:`estimate_background` on a full frame.
-    The ``error`` map is not estimated (zeros): use :func:`estimate_background` for
-    photometry.
-
-    Parameters
-    ----------
-    data : image, ADU.
-    mask : True for pixels to ignore.
-    box_size : side of the boxes, pixels.
-    filter_size : side of the median filter over the boxes, in boxes.
-    """
-    image = np.ascontiguousarray(data, dtype=np.float32)
-    bad = ~np.isfinite(image)
-    if mask is not None:
-        bad |= np.asarray(mask, dtype=bool)
-    bkg = _sep_background(image, bad if bad.any() else None, box_size, filter_size)
-    back = bkg.back(dtype=np.float32)
-    rms = bkg.rms(dtype=np.float32)
-    return BackgroundModel(back, rms, np.zeros((1, 1), np.float32), int(min(box_size, *image.shape)),
-                           filter_size)
-
-
 def _sep_background(image: np.ndarray, bad: np.ndarray | None, box_size: int = 64,
                     filter_size: int = 3):
-    """``sep.Background`` of a float32 image (bad pixels set to 0 and masked)."""
+    """``sep.Background`` of a float32 image (bad pixels set to 0 and masked): sigma-clipped
+    box values on a mesh, median-filtered; what :func:`detect_stars` uses when it is given no
+    background (about 30 times faster than :func:`estimate_background` on a full frame)."""
     import sep
 
     if bad is not None:
@@ -204,7 +183,7 @@ def convolve_for_detection(data_sub: np.ndarray, fwhm_pix: float,
 
 
 def too_sharp(peak: np.ndarray, flux: np.ndarray, fwhm_pix: float, noise: np.ndarray | float,
-              factor: float = 3.0, nsigma: float = 5.0) -> np.ndarray:
+              *, factor: float = 3.0, nsigma: float = 5.0) -> np.ndarray:
     """True for sources whose brightest pixel is too high for a star of their flux (cosmic rays).
 
     A star of flux F and FWHM f puts about ``0.88 F / f**2`` (Gaussian) into its brightest
@@ -288,10 +267,15 @@ def _extract(det: _DetectionImage, nsigma: float, fwhm_px: float, min_pixels: in
     err = det.err * float(np.sqrt(np.sum(kernel.astype(np.float64) ** 2)))
     sep.set_extract_pixstack(max(300_000, det.image.size // 4))
     sep.set_sub_object_limit(4096)
-    objects = sep.extract(det.image, nsigma, err=err, mask=det.bad,
-                          minarea=max(1, min_pixels // (f * f)), filter_kernel=kernel,
-                          filter_type="conv", deblend_nthresh=32 if deblend else 1,
-                          deblend_cont=0.005, clean=True)
+    try:
+        objects = sep.extract(det.image, nsigma, err=err, mask=det.bad,
+                              minarea=max(1, min_pixels // (f * f)), filter_kernel=kernel,
+                              filter_type="conv", deblend_nthresh=32 if deblend else 1,
+                              deblend_cont=0.005, clean=True)
+    except Exception as err:  # sep raises plain Exceptions: buffer or deblending overflow
+        raise FrameError(f"star detection failed ({err}): the frame holds far more sources "
+                         "than stars (noise, a trail, clouds lit by the Moon?); check it by "
+                         "eye, or raise nsigma") from None
     if limit is not None and len(objects) > limit:
         objects = objects[np.argsort(objects["flux"])[::-1][:limit]]
     x = objects["x"] * f + 0.5 * (f - 1) + origin[0]
@@ -320,23 +304,97 @@ def _usable(flag: np.ndarray) -> np.ndarray:
     return (np.asarray(flag) & ~(sep.APER_HASMASKED | sep.APER_TRUNC)) == 0
 
 
-def _half_light_radius(sub, bad, x, y, fwhm_px):
-    import sep
-
-    rmax = np.full(len(x), max(3.0 * fwhm_px, 4.0))
-    radius, flag = sep.flux_radius(sub, x, y, rmax, 0.5, mask=bad, subpix=5)
-    return np.where(_usable(flag), radius, np.nan)
-
-
-def estimate_fwhm(sub: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.ndarray,
-                  peak: np.ndarray, *, saturation_adu: float | None, rms: float,
-                  n_max: int = 50) -> float:
-    """FWHM (pixels): twice the median half-light radius of bright unsaturated isolated stars.
+def half_maximum_fwhm(sub: np.ndarray, x: np.ndarray, y: np.ndarray, *,
+                      radius_px: float) -> np.ndarray:
+    """Per star, the FWHM as the diameter of a circle with the area of its pixels above half
+    its peak (the definition of the FWHM, whatever the profile: Gaussian, Moffat, donut).
 
     Parameters
     ----------
-    sub : background-subtracted image, ADU.
-    bad : True for bad pixels, or None.
+    sub : background-subtracted image (masked pixels filled), ADU.
+    x, y : star positions, pixels.
+    radius_px : only pixels within this distance of a star count (keeps neighbours out).
+    """
+    half = int(math.ceil(radius_px))
+    offs = np.arange(-half, half + 1)
+    ny, nx = sub.shape
+    ix = np.round(x).astype(int)
+    iy = np.round(y).astype(int)
+    inside = (ix >= half) & (ix < nx - half) & (iy >= half) & (iy < ny - half)
+    result = np.full(len(x), np.nan)
+    if not inside.any():
+        return result
+    cut = sub[iy[inside, None, None] + offs[None, :, None], ix[inside, None, None] + offs[None, None, :]]
+    dx = offs[None, None, :] - (x[inside] - ix[inside])[:, None, None]
+    dy = offs[None, :, None] - (y[inside] - iy[inside])[:, None, None]
+    within = dx**2 + dy**2 <= radius_px**2
+    peak = cut[:, half - 1:half + 2, half - 1:half + 2].reshape(len(cut), -1).max(axis=1)
+    # Each pixel counts by how far its value lies above or below half the peak, within a band
+    # of +-10 % of the peak: a pixel right at half maximum counts half. Counting whole pixels
+    # would make the FWHM jump in steps of several percent.
+    level = (cut - 0.5 * peak[:, None, None]) / (0.2 * peak[:, None, None])
+    area = np.sum(np.clip(level + 0.5, 0.0, 1.0) * within, axis=(1, 2))
+    fwhm = 2.0 * np.sqrt(area / math.pi)
+    result[inside] = np.where(peak > 0, fwhm, np.nan)
+    return result
+
+
+def fill_masked(image: np.ndarray, bad: np.ndarray, *,
+                bright: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """A copy of ``image`` with its bad pixels filled from their neighbours, and the pixels
+    that detection must still ignore.
+
+    A bad pixel with good pixels within 2 pixels gets their mean (a hot pixel disappears, a
+    star across a bad column stays whole). The inside of a larger masked patch gets the
+    highest value around it if that is above ``bright`` (the saturated core of a star, which
+    so stays one round blob for detection and centroids); otherwise (a masked region of
+    sky) the median around it, and it stays masked.
+
+    Parameters
+    ----------
+    image : background-subtracted image, ADU.
+    bad : True for the pixels to fill.
+    bright : level above which the surroundings of a patch mark a saturated star, ADU.
+
+    Returns the filled image and the mask of what detection must still ignore (or None).
+    """
+    from scipy import ndimage
+
+    out = np.array(image, dtype=np.float32, copy=True)
+    good = (~bad).astype(np.float32)
+    total = ndimage.uniform_filter(np.where(bad, np.float32(0.0), out), 5, mode="nearest")
+    count = ndimage.uniform_filter(good, 5, mode="nearest")
+    near = bad & (count > 1e-3)
+    out[near] = total[near] / count[near]
+    rest = bad & ~near
+    still_bad = None
+    if rest.any():
+        labels, _ = ndimage.label(rest)
+        for number, box in enumerate(ndimage.find_objects(labels), start=1):
+            grown = tuple(slice(max(0, s.start - 3), s.stop + 3) for s in box)
+            region = out[grown]
+            patch = labels[grown] == number
+            around = region[~rest[grown]]
+            if len(around) == 0:
+                region[patch] = 0.0
+            elif around.max() > bright:
+                region[patch] = around.max()
+            else:
+                region[patch] = np.median(around)
+                if still_bad is None:
+                    still_bad = np.zeros(out.shape, dtype=bool)
+                still_bad[grown] |= patch
+    return out, still_bad
+
+
+def estimate_fwhm(sub: np.ndarray, x: np.ndarray, y: np.ndarray, peak: np.ndarray, *,
+                  saturation_adu: float | None, rms: float, n_max: int = 50) -> float:
+    """The frame's FWHM (pixels): the median :func:`half_maximum_fwhm` of bright, unsaturated,
+    isolated stars that are not sharper than a star (cosmic rays, hot pixels).
+
+    Parameters
+    ----------
+    sub : background-subtracted image (masked pixels filled), ADU.
     x, y, peak : detected sources, brightest first (pixels, ADU above the sky).
     saturation_adu : peak level above the sky at which a star counts as saturated, or None.
     rms : sky noise per pixel, ADU.
@@ -345,7 +403,7 @@ def estimate_fwhm(sub: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.
     import sep
 
     guess = 3.5
-    flux, _, _ = sep.sum_circle(sub, x, y, 2.0 * guess, mask=bad, subpix=5)
+    flux, _, _ = sep.sum_circle(sub, x, y, 2.0 * guess, subpix=5)
     use = (peak > 20.0 * rms) & ~too_sharp(peak, flux, guess, rms)
     if saturation_adu is not None:
         use &= peak < 0.5 * saturation_adu
@@ -357,9 +415,9 @@ def estimate_fwhm(sub: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.
     idx = np.flatnonzero(use)[:n_max]
     if len(idx) < 3:
         return float("nan")
-    radius = _half_light_radius(sub, bad, x[idx], y[idx], 6.0)
-    radius = radius[np.isfinite(radius) & (radius > 0.3)]
-    return float(2.0 * np.median(radius)) if len(radius) >= 3 else float("nan")
+    fwhm = half_maximum_fwhm(sub, x[idx], y[idx], radius_px=12.0)
+    fwhm = fwhm[np.isfinite(fwhm) & (fwhm > 0.5)]
+    return float(np.median(fwhm)) if len(fwhm) >= 3 else float("nan")
 
 
 def detect_stars(data: np.ndarray, *, mask: np.ndarray | None = None,
@@ -374,7 +432,8 @@ def detect_stars(data: np.ndarray, *, mask: np.ndarray | None = None,
     ----------
     data : calibrated image, ADU.
     mask : True where pixels are bad.
-    background : the frame's background; None estimates one with :func:`mesh_background`.
+    background : the frame's background; None estimates one with ``sep.Background``
+        (subtracted in place; the noise is its global RMS).
     fwhm_px : the stars' FWHM, pixels; None measures it (:func:`estimate_fwhm`).
     nsigma : detection threshold of the matched-filtered image, in noise sigma.
     min_pixels : minimum number of connected pixels above the threshold.
@@ -390,10 +449,11 @@ def detect_stars(data: np.ndarray, *, mask: np.ndarray | None = None,
     Returns a table sorted from bright to faint with :data:`DETECTION_COLUMNS`: ``x``, ``y``
     (windowed centroid, 0-based pixels), ``flux`` and ``flux_err`` (ADU in a circle of
     ``aperture_fwhm`` FWHM), ``snr``, ``sigma_xy`` (expected position error per axis,
-    pixels), ``peak`` (highest pixel above the sky, ADU), ``fwhm`` (twice the half-light
-    radius, pixels), ``ellipticity`` (1 - b/a of the isophote) and ``saturated``. The
-    metadata hold ``fwhm_px`` (the frame's FWHM, pixels; NaN if no star was found) and
-    ``sky_rms`` (median noise per pixel, ADU).
+    pixels), ``peak`` (highest pixel above the sky, ADU), ``fwhm`` (:func:`half_maximum_fwhm`,
+    pixels), ``ellipticity`` (1 - b/a of the isophote) and ``saturated``. The
+    metadata hold ``fwhm_px`` (the frame's FWHM, pixels; NaN if no star was found),
+    ``fwhm_measured`` (True when it was measured here, False when given or, with too few
+    good stars, a typical 3.5 px) and ``sky_rms`` (median noise per pixel, ADU).
     """
     import sep
 
@@ -412,8 +472,9 @@ def detect_stars(data: np.ndarray, *, mask: np.ndarray | None = None,
         sub = image - np.asarray(background.background, dtype=np.float32)
         err = np.ascontiguousarray(background.rms, dtype=np.float32)
         rms = float(np.median(err[::4, ::4]))
-    if bad is not None:
-        sub[bad] = 0.0
+    extract_bad = None
+    if bad is not None:  # from here on the filled image stands in for the mask
+        sub, extract_bad = fill_masked(sub, bad, bright=20.0 * rms)
     columns = {name: np.zeros(0) for name in DETECTION_COLUMNS}
     columns["id"] = np.zeros(0, int)
     columns["saturated"] = np.zeros(0, bool)
@@ -422,31 +483,33 @@ def detect_stars(data: np.ndarray, *, mask: np.ndarray | None = None,
     if not np.isfinite(rms) or rms <= 0:
         return empty
     limit = None if max_stars is None else 3 * max_stars + 100
-    det = _DetectionImage.of(sub, bad, err)
+    det = _DetectionImage.of(sub, extract_bad, err)
     if fwhm_px is None:  # bright stars of the central 1024 x 1024 pixels are enough
         centre, origin = det.central()
         x, y, _ = _extract(centre, max(nsigma, 10.0), 3.5, min_pixels, False, 300, origin)
         if len(x) < 3:
             x, y, _ = _extract(det, max(nsigma, 10.0), 3.5, min_pixels, False, 300)
-        x, y = _winpos(sub, bad, x, y, 3.5)
-        fwhm_px = estimate_fwhm(sub, bad, x, y, _peaks(sub, x, y), rms=rms,
+        x, y = _winpos(sub, x, y, 3.5)
+        fwhm_px = estimate_fwhm(sub, x, y, _peaks(sub, x, y), rms=rms,
                                 saturation_adu=saturation_adu)
-        if not np.isfinite(fwhm_px):
+        measured = np.isfinite(fwhm_px)
+        if not measured:
             if len(x) == 0:
                 return empty
-            fwhm_px = 3.5  # too few good stars to measure: a typical seeing
+            fwhm_px = 3.5  # too few good stars to measure: a typical seeing (meta says so)
+    else:
+        measured = False
     x, y, ellipticity = _extract(det, nsigma, fwhm_px, min_pixels, deblend, limit)
     if len(x) == 0:
         empty.meta["fwhm_px"] = float(fwhm_px)
         return empty
     radius = aperture_fwhm * fwhm_px
     if reject_sharp:  # judged where the source was found, before the centroid moves
-        flux0, _, _ = sep.sum_circle(sub, x, y, radius, mask=bad, subpix=5)
+        flux0, _, _ = sep.sum_circle(sub, x, y, radius, subpix=5)
         sharp = too_sharp(_peaks(sub, x, y, half=det.factor), flux0, fwhm_px, rms)
         x, y, ellipticity = x[~sharp], y[~sharp], ellipticity[~sharp]
-    x, y = _winpos(sub, bad, x, y, fwhm_px)
-    flux, flux_err, _ = sep.sum_circle(sub, x, y, radius, err=err, mask=bad, gain=gain_e_per_adu,
-                                       subpix=5)
+    x, y = _winpos(sub, x, y, fwhm_px)
+    flux, flux_err, _ = sep.sum_circle(sub, x, y, radius, err=err, gain=gain_e_per_adu, subpix=5)
     peak = _peaks(sub, x, y)
     keep = np.isfinite(x) & np.isfinite(y) & (flux > 0)
     x, y, flux, flux_err, peak, ellipticity = (a[keep] for a in
@@ -476,24 +539,24 @@ def detect_stars(data: np.ndarray, *, mask: np.ndarray | None = None,
     # floor for pixelisation and PSF asymmetries).
     sigma_xy = np.hypot(math.sqrt(2.0) * sigma / np.clip(snr, 1e-3, None), 0.01)
     saturated = (np.zeros(len(x), bool) if saturation_adu is None else peak >= saturation_adu)
-    fwhm = 2.0 * _half_light_radius(sub, bad, x, y, fwhm_px) if len(x) else np.zeros(0)
+    fwhm = half_maximum_fwhm(sub, x, y, radius_px=2.0 * fwhm_px + 2.0)
     table = Table({"id": np.arange(1, len(x) + 1), "x": x, "y": y, "flux": flux,
                    "flux_err": flux_err, "snr": snr, "sigma_xy": sigma_xy, "peak": peak,
                    "fwhm": fwhm, "ellipticity": ellipticity, "saturated": saturated})
     if wcs is not None:
         table["sky"] = wcs.pixel_to_world(x, y)
-    table.meta.update(fwhm_px=float(fwhm_px), sky_rms=rms)
+    table.meta.update(fwhm_px=float(fwhm_px), fwhm_measured=bool(measured), sky_rms=rms)
     return table
 
 
-def _winpos(sub, bad, x, y, fwhm_px):
+def _winpos(sub, x, y, fwhm_px):
     """Windowed centroids (``sep.winpos``); the detection position where they fail."""
     import sep
 
     if len(x) == 0:
         return x, y
     sig = np.full(len(x), fwhm_px / SIGMA_TO_FWHM)
-    xw, yw, flag = sep.winpos(sub, x, y, sig, mask=bad, subpix=5)
+    xw, yw, flag = sep.winpos(sub, x, y, sig, subpix=5)
     moved = np.hypot(xw - x, yw - y)
     ok = _usable(flag) & np.isfinite(xw) & np.isfinite(yw) & (moved < fwhm_px)
     return np.where(ok, xw, x), np.where(ok, yw, y)

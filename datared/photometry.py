@@ -3,8 +3,10 @@
 This module owns the aperture measurement and what it needs: exact aperture weights and fast
 sums of many stars and radii at once (:func:`aperture_photometry_fast`), the CCD noise
 equation (:func:`ccd_variance`), the calibrated saturation level (:func:`saturation_level`),
-crowding (:func:`contamination`), the quality of a frame and the choice of the reference
-frame (:func:`frame_quality`, :func:`choose_reference`), the reference catalogue of a field
+crowding (:func:`contamination`), the expected scintillation noise
+(:func:`scintillation_sigma`, which the simulator uses too), the quality of a frame from the
+detection's stars and FWHM and the choice of the reference frame (:func:`frame_quality`,
+:func:`choose_reference`), the reference catalogue of a field
 (:func:`reference_catalog`), the measurement of one frame (:func:`measure_frame`), the
 catalogue files (:func:`write_catalog`), their column names (:func:`radius_tag`,
 :func:`column_name`) and flags (:data:`FLAG_BITS`). It does not own the frame model
@@ -46,9 +48,9 @@ Other columns: ``id`` (reference catalogue), ``x``, ``y`` (position on this fram
 ``sky`` (background at the star, ADU per pixel). The table metadata hold the frame's
 header values with NINA's names (``DATE-OBS``, ``EXPTIME``, ``AIRMASS``, ``FILTER``,
 ``OBJECT``, ``PIERSIDE``, ...: :func:`datared.frame.header_meta`), the radii
-(``APRADII``, arcsec), the noise parameters (``EGAIN``, ``RDNOISE``), the median ``FWHM``
-(arcsec) and the expected relative scintillation noise ``SCINT``, which ``sum_err`` does
-not include.
+(``APRADII``, arcsec), the noise parameters (``EGAIN``, ``RDNOISE``), the frame's ``FWHM``
+(arcsec, as :func:`datared.detection.detect_stars` measures it) and the expected relative
+scintillation noise ``SCINT``, which ``sum_err`` does not include.
 
 Masked pixels inside an aperture are filled from their mirror image through the star's
 centre when possible (:func:`aperture_photometry_fast`).
@@ -57,7 +59,7 @@ centre when possible (:func:`aperture_photometry_fast`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,7 +69,6 @@ from astropy.table import Table
 from datared.detection import (
     SIGMA_TO_FWHM,
     BackgroundModel,
-    convolve_for_detection,
     detect_stars,
     estimate_background,
 )
@@ -208,8 +209,8 @@ def aperture_weights(x: np.ndarray, y: np.ndarray, radii_pix: Sequence[float], *
 
 
 def aperture_photometry_fast(data: np.ndarray, x: np.ndarray, y: np.ndarray,
-                             radii_pix: Sequence[float], background: np.ndarray | float = 0.0,
-                             *, variance: np.ndarray | None = None,
+                             radii_pix: Sequence[float], *, background: np.ndarray | float,
+                             variance: Callable[..., np.ndarray] | None = None,
                              background_error: np.ndarray | float = 0.0,
                              saturation: np.ndarray | float = np.inf,
                              mask: np.ndarray | None = None,
@@ -232,7 +233,8 @@ def aperture_photometry_fast(data: np.ndarray, x: np.ndarray, y: np.ndarray,
     data : image, ADU.
     x, y : aperture centres, pixels (0-based).
     radii_pix : aperture radii, pixels.
-    background : background map or level, ADU per pixel.
+    background : background map or level, ADU per pixel (0 for a background-subtracted
+        image).
     variance : per-pixel variance of ``data`` (ADU**2), as a function
         ``variance(data_cut, background_cut, iy, ix)`` or None (then ``sum_err`` is NaN).
     background_error : uncertainty of the background estimate per pixel, ADU (added
@@ -430,7 +432,7 @@ def forced_photometry(data: np.ndarray, x: np.ndarray, y: np.ndarray,
         raise ValueError(f"aperture radii {radii_arcsec} arcsec: give each radius once")
     radii_pix = [r / float(pixel_scale_arcsec) for r in radii_arcsec]
     result = aperture_photometry_fast(
-        data, x, y, radii_pix, background.background,
+        data, x, y, radii_pix, background=background.background,
         variance=ccd_variance(gain_e_per_adu, read_noise_e, flat=flat, dark_adu=dark_adu),
         background_error=background.error,
         saturation=saturation_level(saturation_adu, bias_adu=bias_adu, dark_adu=dark_adu,
@@ -480,99 +482,20 @@ def forced_photometry(data: np.ndarray, x: np.ndarray, y: np.ndarray,
 
 
 # ---------------------------------------------------------------------------------------
-# Star sizes (optional): circular Gaussian fits
-# ---------------------------------------------------------------------------------------
-
-def fit_gaussian_fwhm(data_sub: np.ndarray, x: np.ndarray, y: np.ndarray, *,
-                      box_size: int = 15) -> np.ndarray:
-    """FWHM of each star from a circular 2D Gaussian fit to a cut-out, pixels (NaN if it fails).
-
-    Parameters
-    ----------
-    data_sub : background-subtracted image, ADU.
-    x, y : star positions, pixels (0-based).
-    box_size : side of the cut-out, pixels.
-    """
-    from scipy.optimize import least_squares
-
-    data_sub = np.asarray(data_sub, dtype=np.float64)
-    ny, nx = data_sub.shape
-    half = box_size // 2
-    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
-    fwhm = np.full(len(np.atleast_1d(x)), np.nan)
-    for n, (xc, yc) in enumerate(zip(np.atleast_1d(x), np.atleast_1d(y), strict=True)):
-        if not (np.isfinite(xc) and np.isfinite(yc)):
-            continue
-        ix, iy = int(round(xc)), int(round(yc))
-        if ix - half < 0 or iy - half < 0 or ix + half >= nx or iy + half >= ny:
-            continue
-        cut = data_sub[iy - half:iy + half + 1, ix - half:ix + half + 1]
-        if not np.all(np.isfinite(cut)) or cut.max() <= 0:
-            continue
-        gx, gy = xx + ix, yy + iy
-
-        def residual(p, cut=cut, gx=gx, gy=gy):
-            amp, x0, y0, sigma, offset = p
-            model = amp * np.exp(-((gx - x0) ** 2 + (gy - y0) ** 2) / (2 * sigma ** 2))
-            return (model + offset - cut).ravel()
-
-        start = [cut.max(), xc, yc, 1.5, 0.0]
-        lower = [0.0, xc - 3, yc - 3, 0.3, -np.inf]
-        upper = [np.inf, xc + 3, yc + 3, box_size, np.inf]
-        try:
-            fit = least_squares(residual, start, bounds=(lower, upper), x_scale="jac")
-        except ValueError:
-            continue
-        if fit.success and 0.3 < fit.x[3] < box_size / 2:
-            fwhm[n] = SIGMA_TO_FWHM * fit.x[3]
-    return fwhm
-
-
-def psf_stars(table, *, saturation: float = np.inf, n_max: int = 25, edge_pix: float = 10.0,
-              shape: tuple[int, int] | None = None, min_separation_pix: float = 15.0) -> np.ndarray:
-    """Indices of bright, unsaturated, isolated stars of a detection table (for FWHM fits).
-
-    Parameters
-    ----------
-    table : table with columns ``x``, ``y`` (pixels) and ``peak`` (ADU above the sky), brightest
-        first (as :func:`datared.detection.detect_stars` returns).
-    saturation : peak (background-subtracted) value above which a star is skipped, ADU.
-    n_max : at most this many stars.
-    edge_pix : minimum distance from the image edges, pixels.
-    shape : image shape (ny, nx) for the edge test.
-    min_separation_pix : minimum distance to any other detected source, pixels.
-    """
-    from scipy.spatial import cKDTree
-
-    x = np.asarray(table["x"], dtype=float)
-    y = np.asarray(table["y"], dtype=float)
-    peak = np.asarray(table["peak"], dtype=float)
-    keep = peak < 0.8 * saturation
-    if shape is not None:
-        keep &= ((x > edge_pix) & (y > edge_pix) & (x < shape[1] - edge_pix)
-                 & (y < shape[0] - edge_pix))
-    if len(x) > 1:
-        distance, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=2)
-        keep &= distance[:, 1] > min_separation_pix
-    return np.flatnonzero(keep)[:n_max]
-
-
-# ---------------------------------------------------------------------------------------
 # Sky positions and scintillation
 # ---------------------------------------------------------------------------------------
 
-def scintillation_sigma(aperture_mm: float, airmass: float, exptime_s: float, *,
+def scintillation_sigma(airmass: float, exptime_s: float, *, aperture_mm: float,
                         height_m: float = 0.0) -> float:
     """Young's (1967) scintillation noise, relative flux sigma (common estimate, +-50 %).
 
-    The simulator has its own copy (``datared.sim``); the pipeline never imports the
-    simulator, so the formula lives here too.
+    The simulator (``datared.sim``) uses this function for the scintillation of its stars.
 
     Parameters
     ----------
-    aperture_mm : telescope aperture diameter, mm.
     airmass : airmass of the observation.
     exptime_s : exposure time, s.
+    aperture_mm : telescope aperture diameter, mm.
     height_m : observatory height above sea level, m.
     """
     diameter_cm = aperture_mm / 10.0
@@ -593,7 +516,11 @@ def world_to_frame(wcs, sky) -> tuple[np.ndarray, np.ndarray]:
 
 
 def match_to_catalog(sky, reference_sky, *, max_sep_arcsec: float = 1.0):
-    """Index of the nearest reference position and whether it is within ``max_sep_arcsec``.
+    """Nearest reference position of each position: ``(index, matched, separation)``.
+
+    Returns three arrays, one value per position of ``sky``: ``index`` of the nearest
+    reference position, ``matched`` (True if it is closer than ``max_sep_arcsec``) and
+    ``separation`` (the distance to it, arcsec).
 
     Parameters
     ----------
@@ -611,53 +538,35 @@ def match_to_catalog(sky, reference_sky, *, max_sep_arcsec: float = 1.0):
 # The reference frame, its catalogue, and one frame from file to catalogue
 # ---------------------------------------------------------------------------------------
 
-def frame_quality(frame: Frame, fwhm_guess_pix: float, *, saturation: float = np.inf,
-                  nsigma: float = 5.0, n_fit: int = 20) -> dict:
-    """Depth and sharpness of a frame, to choose the reference frame.
+def frame_quality(frame: Frame, *, saturation_adu: float | None = None, nsigma: float = 3.0,
+                  min_snr: float = 10.0) -> dict:
+    """Depth and sharpness of a frame from :func:`datared.detection.detect_stars`, to choose
+    the reference frame.
 
-    Returns ``n_sources`` (groups of >= 5 pixels above ``nsigma`` times the noise of one
-    pixel in the image smoothed with :func:`datared.detection.convolve_for_detection`),
-    ``fwhm_pix`` (median Gaussian FWHM of up to ``n_fit`` bright isolated stars),
-    ``sky_adu`` and ``sky_rms_adu``.
+    Returns ``n_sources`` (stars detected with a flux S/N of at least ``min_snr``),
+    ``fwhm_pix`` (the frame's FWHM as the detection measures it, ``meta["fwhm_px"]``: the
+    width at half maximum of bright, unsaturated, isolated stars), ``sky_adu`` (sigma-clipped
+    median of every 3rd unmasked pixel: enough to rank frames, and much faster than a
+    background map) and ``sky_rms_adu`` (the detection's noise per pixel, ``meta["sky_rms"]``).
 
     Parameters
     ----------
-    frame : a frame from :func:`datared.frame.read_frame`.
-    fwhm_guess_pix : expected FWHM for the smoothing kernel, pixels.
-    saturation : calibrated level above which a star's peak is not used, ADU.
-    nsigma : detection threshold, in units of the background noise of one pixel.
-    n_fit : number of stars fitted for the FWHM.
+    frame : a frame from :func:`datared.frame.read_frame` (its mask is used).
+    saturation_adu : calibrated pixel level at which the camera saturates, ADU (sky
+        included); stars that come near it are not used for the FWHM. None: no limit.
+    nsigma : detection threshold, significance of the matched filter (see
+        :func:`datared.detection.detect_stars`).
+    min_snr : a star counts if the S/N of its detection flux is at least this.
     """
     from astropy.stats import sigma_clipped_stats
-    from photutils.segmentation import detect_sources
-    from scipy import ndimage
 
     bad = ~np.isfinite(frame.data) | frame.bad_pixels()
-    # A global sigma-clipped level from every 3rd pixel is enough to rank frames, and much
-    # faster than a background map.
-    _, sky, sky_rms = sigma_clipped_stats(frame.data[::3, ::3], mask=bad[::3, ::3], sigma=3.0)
-    data_sub = frame.data - sky
-    convolved = convolve_for_detection(data_sub, fwhm_guess_pix, bad)
-    segments = detect_sources(convolved, threshold=nsigma * sky_rms, n_pixels=5, mask=bad)
-    result = {"n_sources": 0, "fwhm_pix": np.nan, "sky_adu": float(sky),
-              "sky_rms_adu": float(sky_rms)}
-    if segments is None:
-        return result
-    labels = segments.labels
-    clean = np.where(bad, 0.0, data_sub)
-    flux = np.asarray(ndimage.sum_labels(clean, segments.data, labels))
-    peak = np.asarray(ndimage.maximum(clean, segments.data, labels))
-    centre = np.array(ndimage.center_of_mass(np.clip(clean, 0, None), segments.data, labels))
-    # The detection's column names (datared.detection.detect_stars), brightest first.
-    stars = Table({"x": centre[:, 1], "y": centre[:, 0], "peak": peak, "flux": flux})
-    stars.sort("flux", reverse=True)
-    chosen = psf_stars(stars, saturation=saturation, n_max=n_fit, shape=frame.data.shape,
-                       min_separation_pix=4 * fwhm_guess_pix)
-    box = 2 * int(math.ceil(2 * fwhm_guess_pix)) + 1
-    fwhm = fit_gaussian_fwhm(clean, stars["x"][chosen], stars["y"][chosen], box_size=box)
-    result["n_sources"] = len(labels)
-    result["fwhm_pix"] = float(np.nanmedian(fwhm)) if np.isfinite(fwhm).any() else np.nan
-    return result
+    _, sky, _ = sigma_clipped_stats(frame.data[::3, ::3], mask=bad[::3, ::3], sigma=3.0)
+    stars = detect_stars(frame.data, mask=frame.mask, nsigma=nsigma, min_snr=min_snr,
+                         saturation_adu=None if saturation_adu is None
+                         else float(saturation_adu) - float(sky))
+    return {"n_sources": len(stars), "fwhm_pix": float(stars.meta["fwhm_px"]),
+            "sky_adu": float(sky), "sky_rms_adu": float(stars.meta["sky_rms"])}
 
 
 def choose_reference(quality: Table, *, depth_fraction: float = 0.9) -> int:
@@ -681,7 +590,7 @@ def choose_reference(quality: Table, *, depth_fraction: float = 0.9) -> int:
     return int(finite[np.argmin(fwhm[finite])])
 
 
-def reference_catalog(frame: Frame, fwhm_pix: float, max_radius_arcsec: float, *,
+def reference_catalog(frame: Frame, *, fwhm_pix: float, max_radius_arcsec: float,
                       gain_e_per_adu: float, keys: HeaderKeys = NINA_KEYS,
                       nsigma: float = 3.0, n_pixels: int = 5, min_snr: float = 10.0,
                       max_contamination: float = 0.01, box_size: int = 64,
@@ -744,7 +653,8 @@ def reference_catalog(frame: Frame, fwhm_pix: float, max_radius_arcsec: float, *
 def measure_frame(frame: Frame, reference: Table, radii_arcsec: Sequence[float], *,
                   calibration: CalibrationTerms, gain_e_per_adu: float, read_noise_e: float,
                   saturation_adu: float, keys: HeaderKeys = NINA_KEYS, box_size: int = 64,
-                  filter_size: int = 3, fwhm_stars: int = 0, aperture_mm: float | None = None,
+                  filter_size: int = 3, measure_fwhm: bool = False,
+                  aperture_mm: float | None = None,
                   height_m: float = 0.0) -> Table:
     """Forced photometry of one frame at the reference catalogue's sky positions.
 
@@ -763,8 +673,9 @@ def measure_frame(frame: Frame, reference: Table, radii_arcsec: Sequence[float],
     saturation_adu : raw saturation level, ADU.
     keys : the night's header keywords; the metadata use NINA's names.
     box_size, filter_size : ``Background2D`` box (pixels) and filter (boxes).
-    fwhm_stars : fit a Gaussian to this many bright unflagged stars and store the median
-        FWHM (arcsec) in the metadata as ``FWHM`` (0: skip).
+    measure_fwhm : store the frame's FWHM (arcsec) in the metadata as ``FWHM``: the FWHM
+        that :func:`datared.detection.detect_stars` measures on this frame (the same
+        definition as :func:`frame_quality`; -1 if no star could be measured).
     aperture_mm, height_m : telescope aperture (mm) and site height (m) for the expected
         scintillation noise in the metadata (``SCINT``, relative flux sigma); None: skip.
     """
@@ -792,19 +703,18 @@ def measure_frame(frame: Frame, reference: Table, radii_arcsec: Sequence[float],
     meta["FRAME"] = frame.name
     meta["NONFRAME"] = int(on_frame.sum())
     meta["CALIB"] = calibration.note[:68]
-    if fwhm_stars > 0:
-        candidates = np.flatnonzero(table["flags"] == 0)
-        brightest = candidates[np.argsort(-np.nan_to_num(
-            np.asarray(table[f"sum_{radius_tag(max(radii_arcsec))}"])[candidates], nan=-np.inf))]
-        chosen = brightest[:fwhm_stars]
-        box = 2 * int(math.ceil(max(radii_arcsec) / frame.pixel_scale_arcsec)) + 1
-        fwhm = fit_gaussian_fwhm(frame.data - background.background, x[chosen], y[chosen],
-                                 box_size=box)
-        meta["FWHM"] = (float(np.nanmedian(fwhm) * frame.pixel_scale_arcsec)
-                        if np.isfinite(fwhm).any() else -1.0)
+    if measure_fwhm:
+        # The detection wants the saturation above the sky: the frame's median calibrated
+        # saturation level minus its median background.
+        level = saturation_level(saturation_adu, bias_adu=calibration.bias,
+                                 dark_adu=calibration.dark, flat=calibration.flat)
+        stars = detect_stars(frame.data, mask=frame.mask, background=background,
+                             saturation_adu=float(np.median(level)) - background.median)
+        fwhm = float(stars.meta["fwhm_px"])
+        meta["FWHM"] = fwhm * frame.pixel_scale_arcsec if np.isfinite(fwhm) else -1.0
     if aperture_mm is not None and "AIRMASS" in meta and "EXPTIME" in meta:
-        meta["SCINT"] = scintillation_sigma(aperture_mm, float(meta["AIRMASS"]),
-                                            float(meta["EXPTIME"]), height_m=height_m)
+        meta["SCINT"] = scintillation_sigma(float(meta["AIRMASS"]), float(meta["EXPTIME"]),
+                                            aperture_mm=aperture_mm, height_m=height_m)
     table.meta = meta
     return table
 

@@ -34,7 +34,7 @@ from astropy.table import Table
 from astropy.wcs import FITSFixedWarning
 
 from datared.errors import FRAME_ERRORS, FrameError
-from datared.frame import HeaderKeys, number_value, text_value, write_frame
+from datared.frame import NINA_KEYS, HeaderKeys, number_value, text_value, write_frame
 from datared.io import SkipLog, require
 
 #: Bits of the bad-pixel mask written to ``badpixels.fits``.
@@ -42,9 +42,6 @@ BAD_HOT = 1  # dark current far above the typical pixel (from the master dark)
 BAD_LOW_RESPONSE = 2  # dead or weak pixel (flat response far below its neighbours)
 BAD_HIGH_RESPONSE = 4  # over-responsive pixel (flat response far above its neighbours)
 BAD_PIXEL_BITS = {BAD_HOT: "hot", BAD_LOW_RESPONSE: "low response", BAD_HIGH_RESPONSE: "high response"}
-
-#: The NINA keywords, used when no :class:`~datared.frame.HeaderKeys` is passed.
-DEFAULT_KEYS = HeaderKeys()
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,14 +133,14 @@ def frames_of_type(collection, imagetyp_key: str, imagetyp_value: str,
 # Statistics
 # ---------------------------------------------------------------------------------------
 
-def central_box(shape: tuple[int, int], fraction: float = 0.8) -> tuple[slice, slice]:
+def central_box(shape: tuple[int, int], *, fraction: float = 0.8) -> tuple[slice, slice]:
     """Slices of the central ``fraction`` (per axis) of an image of ``shape`` (rows, columns)."""
     ny, nx = shape
     my, mx = int(round(ny * (1 - fraction) / 2)), int(round(nx * (1 - fraction) / 2))
     return slice(my, ny - my), slice(mx, nx - mx)
 
 
-def robust_level_noise(data: np.ndarray, step: int = 1) -> tuple[float, float]:
+def robust_level_noise(data: np.ndarray, *, step: int = 1) -> tuple[float, float]:
     """Median and robust standard deviation (MAD-based) of an image, in its units.
 
     Parameters
@@ -155,7 +152,7 @@ def robust_level_noise(data: np.ndarray, step: int = 1) -> tuple[float, float]:
     return float(np.median(sample)), float(mad_std(sample))
 
 
-def frame_statistics(paths: Iterable[str | Path], *, keys: HeaderKeys = DEFAULT_KEYS,
+def frame_statistics(paths: Iterable[str | Path], *, keys: HeaderKeys = NINA_KEYS,
                      overscan_section: str | None = None, trim_section: str | None = None,
                      step: int = 2, progress: bool = True) -> Table:
     """Level and noise of each frame: file, exposure time (s), median (ADU), robust std (ADU).
@@ -208,7 +205,7 @@ def process_memory() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def combine_mem_limit(shape: tuple[int, int], memory_budget: float, *, dtype=np.float32,
+def combine_mem_limit(shape: tuple[int, int], *, memory_budget: float, dtype=np.float32,
                       in_use: float | None = None, safety: float = 0.8) -> float:
     """The ``mem_limit`` (bytes) to give ``ccdproc.combine`` so that the process stays in budget.
 
@@ -265,7 +262,7 @@ def combine_files(paths: Iterable[str | Path], *, memory_budget: float,
         raise ValueError("combine_files: no frames to combine.")
     header = fits.getheader(paths[0])
     shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
-    mem_limit = combine_mem_limit(shape, memory_budget, dtype=dtype)
+    mem_limit = combine_mem_limit(shape, memory_budget=memory_budget, dtype=dtype)
     ccdproc_log = logging.getLogger("astropy")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", VerifyWarning)
@@ -294,8 +291,8 @@ def combine_files(paths: Iterable[str | Path], *, memory_budget: float,
     return combined
 
 
-def stage_frames(paths: Iterable[str | Path], scratch_dir: str | Path,
-                 process: Callable[[CCDData], CCDData], *, skip_log: SkipLog,
+def stage_frames(paths: Iterable[str | Path], process: Callable[[CCDData], CCDData], *,
+                 scratch_dir: str | Path, skip_log: SkipLog,
                  check: Callable[[CCDData], str | None] | None = None,
                  overscan_section: str | None = None, trim_section: str | None = None,
                  desc: str = "staging") -> list[Path]:
@@ -308,9 +305,9 @@ def stage_frames(paths: Iterable[str | Path], scratch_dir: str | Path,
     Parameters
     ----------
     paths : raw frames (read only).
-    scratch_dir : folder for the staged frames (inside the work folder).
     process : function from a raw frame (ADU) to the processed frame to combine; a
         :data:`~datared.errors.FRAME_ERRORS` error it raises skips the frame.
+    scratch_dir : folder for the staged frames (inside the work folder).
     skip_log : where skipped frames and reasons are recorded.
     check : optional function returning a reason to skip a raw frame, or None.
     overscan_section, trim_section : see :func:`read_raw`.
@@ -355,7 +352,7 @@ def exptime_label(exptime: float) -> str:
     return f"{float(exptime):g}"
 
 
-def master_dark_name(exptime: float, n_exptimes: int) -> str:
+def master_dark_name(exptime: float, *, n_exptimes: int) -> str:
     """File name of a master dark: ``masterdark.fits`` if the night has one dark exposure time,
     else ``masterdark_<exptime>s.fits``.
 
@@ -367,7 +364,7 @@ def master_dark_name(exptime: float, n_exptimes: int) -> str:
     return "masterdark.fits" if n_exptimes == 1 else f"masterdark_{exptime_label(exptime)}s.fits"
 
 
-def exposure_time_of(path: str | Path, keys: HeaderKeys = DEFAULT_KEYS) -> float:
+def exposure_time_of(path: str | Path, *, keys: HeaderKeys = NINA_KEYS) -> float:
     """Exposure time (s) in a frame's header; FrameError naming the file if missing or bad.
 
     Parameters
@@ -378,7 +375,7 @@ def exposure_time_of(path: str | Path, keys: HeaderKeys = DEFAULT_KEYS) -> float
     return number_value(fits.getheader(path), keys, "exptime", file=path)
 
 
-def group_by_exptime(paths: Iterable[str | Path], *, keys: HeaderKeys = DEFAULT_KEYS,
+def group_by_exptime(paths: Iterable[str | Path], *, keys: HeaderKeys = NINA_KEYS,
                      decimals: int = 3) -> dict[float, list[Path]]:
     """Frames grouped by exposure time (s, rounded to ``decimals``), longest first.
 
@@ -393,7 +390,7 @@ def group_by_exptime(paths: Iterable[str | Path], *, keys: HeaderKeys = DEFAULT_
     """
     groups: dict[float, list[Path]] = {}
     for path in paths:
-        exptime = round(exposure_time_of(path, keys), decimals)
+        exptime = round(exposure_time_of(path, keys=keys), decimals)
         groups.setdefault(exptime, []).append(Path(path))
     return dict(sorted(groups.items(), reverse=True))
 
@@ -426,7 +423,7 @@ def choose_dark(dark_exptimes: Iterable[float], exptime: float, *,
     return available[-1], True
 
 
-def flat_level_problem(ccd: CCDData, saturation_adu: float, *, max_fraction: float = 0.8,
+def flat_level_problem(ccd: CCDData, *, saturation_adu: float, max_fraction: float = 0.8,
                        min_level_adu: float = 1000.0, step: int = 4) -> str | None:
     """Why a raw flat is unusable (too bright for the linear range, or too faint), or None.
 
@@ -447,7 +444,7 @@ def flat_level_problem(ccd: CCDData, saturation_adu: float, *, max_fraction: flo
     return None
 
 
-def normalise_by_median(ccd: CCDData, step: int = 1) -> CCDData:
+def normalise_by_median(ccd: CCDData, *, step: int = 1) -> CCDData:
     """Divide a frame by its median (so that a master flat has median 1)."""
     median = float(np.median(ccd.data[::step, ::step]))
     if not np.isfinite(median) or median <= 0:
@@ -457,7 +454,7 @@ def normalise_by_median(ccd: CCDData, step: int = 1) -> CCDData:
     return ccd
 
 
-def normalise_master_flat(master_flat: CCDData, step: int = 1) -> CCDData:
+def normalise_master_flat(master_flat: CCDData, *, step: int = 1) -> CCDData:
     """Divide a combined flat by its own median again (median exactly 1)."""
     median = float(np.median(master_flat.data[::step, ::step]))
     master_flat.data = (master_flat.data / np.float32(median)).astype(np.float32)
@@ -468,7 +465,7 @@ def normalise_master_flat(master_flat: CCDData, step: int = 1) -> CCDData:
 # Bad pixels
 # ---------------------------------------------------------------------------------------
 
-def large_scale(image: np.ndarray, box: int = 32) -> np.ndarray:
+def large_scale(image: np.ndarray, *, box: int = 32) -> np.ndarray:
     """Smooth large-scale version of ``image``: median of ``box``x``box`` blocks, interpolated back.
 
     Parameters
@@ -487,7 +484,7 @@ def large_scale(image: np.ndarray, box: int = 32) -> np.ndarray:
     return zoom(medians, (ny / by, nx / bx), order=1, mode="nearest", grid_mode=True)
 
 
-def hot_pixels(dark_rate: np.ndarray, nsigma: float = 10.0) -> np.ndarray:
+def hot_pixels(dark_rate: np.ndarray, *, nsigma: float = 10.0) -> np.ndarray:
     """Pixels whose dark current (ADU/s) is ``nsigma`` robust deviations above the median.
 
     Parameters
@@ -499,7 +496,7 @@ def hot_pixels(dark_rate: np.ndarray, nsigma: float = 10.0) -> np.ndarray:
     return dark_rate > median + nsigma * max(noise, np.finfo(np.float32).tiny)
 
 
-def flat_response_outliers(master_flat: np.ndarray, low: float = 0.8, high: float = 1.2,
+def flat_response_outliers(master_flat: np.ndarray, *, low: float = 0.8, high: float = 1.2,
                            box: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Pixels whose flat response is below ``low`` or above ``high`` times their neighbourhood.
 
@@ -509,12 +506,12 @@ def flat_response_outliers(master_flat: np.ndarray, low: float = 0.8, high: floa
     low, high : accepted range of response relative to the large-scale flat.
     box : block size of the large-scale flat, pixels.
     """
-    relative = master_flat / large_scale(master_flat, box)
+    relative = master_flat / large_scale(master_flat, box=box)
     return relative < low, relative > high
 
 
-def bad_pixel_mask(shape: tuple[int, int], dark_rate: np.ndarray | None = None,
-                   master_flats: Iterable[np.ndarray] = (), *, hot_nsigma: float = 10.0,
+def bad_pixel_mask(shape: tuple[int, int], *, dark_rate: np.ndarray | None = None,
+                   master_flats: Iterable[np.ndarray] = (), hot_nsigma: float = 10.0,
                    low: float = 0.8, high: float = 1.2) -> np.ndarray:
     """Bad-pixel mask (uint8 bit flags: 1 hot, 2 low response, 4 high response).
 
@@ -547,7 +544,7 @@ def count_bad_pixels(mask: np.ndarray) -> Table:
 # Uncertainty and cosmic rays
 # ---------------------------------------------------------------------------------------
 
-def noise_equation_adu(signal_adu: np.ndarray, gain_e_per_adu: float,
+def noise_equation_adu(signal_adu: np.ndarray, *, gain_e_per_adu: float,
                        read_noise_e: float) -> np.ndarray:
     """Per-pixel uncertainty (ADU) of a bias-subtracted frame from the CCD noise equation.
 
@@ -564,7 +561,7 @@ def noise_equation_adu(signal_adu: np.ndarray, gain_e_per_adu: float,
     return (np.sqrt(electrons + np.float32(read_noise_e) ** 2) / np.float32(gain_e_per_adu)).astype(np.float32)
 
 
-def clean_cosmic_rays(ccd: CCDData, gain_e_per_adu: float, read_noise_e: float,
+def clean_cosmic_rays(ccd: CCDData, *, gain_e_per_adu: float, read_noise_e: float,
                       saturation_adu: float, sigclip: float = 5.0) -> CCDData:
     """L.A.Cosmic (astroscrappy through ccdproc) on a calibrated frame; data stay in ADU.
 
@@ -633,14 +630,14 @@ class Calibration:
         dark_exptime, scale = choose_dark(self.darks, exptime)
         if dark_exptime is None:
             return "no dark subtracted (no dark frames)"
-        name = master_dark_name(dark_exptime, len(self.darks))
+        name = master_dark_name(dark_exptime, n_exptimes=len(self.darks))
         if scale:
             return f"dark {name} scaled {exptime_label(dark_exptime)} s -> {exptime_label(exptime)} s"
         return f"dark {name} ({exptime_label(dark_exptime)} s, same exposure)"
 
 
 def calibrate_frame(path: str | Path, calibration: Calibration, *,
-                    keys: HeaderKeys = DEFAULT_KEYS, saturation_adu: float | None = None,
+                    keys: HeaderKeys = NINA_KEYS, saturation_adu: float | None = None,
                     overscan_section: str | None = None, trim_section: str | None = None,
                     gain_e_per_adu: float | None = None, read_noise_e: float | None = None,
                     with_uncertainty: bool = False) -> CCDData:
@@ -683,7 +680,8 @@ def calibrate_frame(path: str | Path, calibration: Calibration, *,
     uncertainty = None
     if with_uncertainty:
         signal = raw.data - calibration.bias
-        sigma = noise_equation_adu(signal, gain_e_per_adu, read_noise_e) / flat
+        sigma = noise_equation_adu(signal, gain_e_per_adu=gain_e_per_adu,
+                                   read_noise_e=read_noise_e) / flat
         uncertainty = StdDevUncertainty(sigma.astype(np.float32), unit="adu")
     # raw.data is a float32 array of our own (read_raw made it): calibrate it in place.
     data = raw.data
@@ -733,7 +731,7 @@ def read_master(path: str | Path) -> CCDData:
     return CCDData(data.astype(np.float32), unit=unit, meta=header)
 
 
-def summary_table(frames_in: Mapping[str, int], frames_done: Mapping[str, int],
+def summary_table(frames_in: Mapping[str, int], *, frames_done: Mapping[str, int],
                   skip_logs: Mapping[str, SkipLog]) -> Table:
     """Per step: frames in, frames used or calibrated, frames skipped, and the reasons.
 
@@ -776,7 +774,7 @@ def build_master_bias(paths: Iterable[str | Path], *, scratch_dir: str | Path,
     """
     log = SkipLog("bias")
     try:
-        staged = stage_frames(paths, scratch_dir, lambda ccd: ccd, skip_log=log,
+        staged = stage_frames(paths, lambda ccd: ccd, scratch_dir=scratch_dir, skip_log=log,
                               overscan_section=overscan_section, trim_section=trim_section,
                               desc="bias")
         if not staged:
@@ -789,7 +787,7 @@ def build_master_bias(paths: Iterable[str | Path], *, scratch_dir: str | Path,
 
 def build_master_darks(paths: Iterable[str | Path], master_bias: np.ndarray, *,
                        scratch_dir: str | Path, memory_budget: float,
-                       keys: HeaderKeys = DEFAULT_KEYS, overscan_section: str | None = None,
+                       keys: HeaderKeys = NINA_KEYS, overscan_section: str | None = None,
                        trim_section: str | None = None) -> tuple[dict[float, CCDData], SkipLog]:
     """Bias-subtracted, sigma-clipped master darks, one per exposure time (s, longest first).
 
@@ -808,7 +806,7 @@ def build_master_darks(paths: Iterable[str | Path], master_bias: np.ndarray, *,
     readable = []
     for path in paths:
         try:
-            exposure_time_of(path, keys)
+            exposure_time_of(path, keys=keys)
             readable.append(path)
         except FRAME_ERRORS as err:
             log.skip(path, f"no usable exposure time ({err})")
@@ -818,8 +816,9 @@ def build_master_darks(paths: Iterable[str | Path], master_bias: np.ndarray, *,
     for exptime, group in group_by_exptime(readable, keys=keys).items():
         scratch = Path(scratch_dir) / f"dark_{exptime_label(exptime)}s"
         try:
-            staged = stage_frames(group, scratch, lambda ccd: ccdproc.subtract_bias(ccd, bias),
-                                  skip_log=log, overscan_section=overscan_section,
+            staged = stage_frames(group, lambda ccd: ccdproc.subtract_bias(ccd, bias),
+                                  scratch_dir=scratch, skip_log=log,
+                                  overscan_section=overscan_section,
                                   trim_section=trim_section,
                                   desc=f"darks {exptime_label(exptime)} s")
             if staged:
@@ -833,7 +832,7 @@ def build_master_darks(paths: Iterable[str | Path], master_bias: np.ndarray, *,
 
 def build_master_flat(paths: Iterable[str | Path], calibration: Calibration, *,
                       scratch_dir: str | Path, memory_budget: float, saturation_adu: float,
-                      keys: HeaderKeys = DEFAULT_KEYS, overscan_section: str | None = None,
+                      keys: HeaderKeys = NINA_KEYS, overscan_section: str | None = None,
                       trim_section: str | None = None) -> tuple[CCDData | None, SkipLog]:
     """Master flat of one filter: bias- and dark-subtracted flats, each divided by its median,
     sigma-clipped average, normalised to median 1. None if no flat is usable.
@@ -858,8 +857,9 @@ def build_master_flat(paths: Iterable[str | Path], calibration: Calibration, *,
         return normalise_by_median(ccd)
 
     try:
-        staged = stage_frames(paths, scratch_dir, process, skip_log=log,
-                              check=lambda ccd: flat_level_problem(ccd, saturation_adu),
+        staged = stage_frames(paths, process, scratch_dir=scratch_dir, skip_log=log,
+                              check=lambda ccd: flat_level_problem(
+                                  ccd, saturation_adu=saturation_adu),
                               overscan_section=overscan_section, trim_section=trim_section,
                               desc="flats")
         if not staged:
@@ -871,7 +871,7 @@ def build_master_flat(paths: Iterable[str | Path], calibration: Calibration, *,
 
 
 def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_dir: str | Path,
-                     *, keys: HeaderKeys = DEFAULT_KEYS,
+                     *, keys: HeaderKeys = NINA_KEYS,
                      saturation_adu: float | None = None, overscan_section: str | None = None,
                      trim_section: str | None = None, gain_e_per_adu: float | None = None,
                      read_noise_e: float | None = None, with_uncertainty: bool = False,
@@ -917,8 +917,9 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
             n_cosmic = 0
             if cosmic_rays:
                 before = ccd.mask.copy()
-                ccd = clean_cosmic_rays(ccd, gain_e_per_adu, read_noise_e,
-                                        saturation_adu or np.inf)
+                ccd = clean_cosmic_rays(ccd, gain_e_per_adu=gain_e_per_adu,
+                                        read_noise_e=read_noise_e,
+                                        saturation_adu=saturation_adu or np.inf)
                 n_cosmic = int(np.count_nonzero(ccd.mask & ~before))
                 ccd.header["HISTORY"] = (f"datared 02-pre-reduction: {n_cosmic} cosmic-ray "
                                          "pixels cleaned (L.A.Cosmic) and masked")
@@ -935,7 +936,7 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
 
 
 def write_master_darks(master_darks: Mapping[float, CCDData], work_dir: str | Path, *,
-                       keys: HeaderKeys = DEFAULT_KEYS) -> list[Path]:
+                       keys: HeaderKeys = NINA_KEYS) -> list[Path]:
     """Write master darks with :func:`master_dark_name` names; remove stale ones first.
 
     Parameters
@@ -951,8 +952,8 @@ def write_master_darks(master_darks: Mapping[float, CCDData], work_dir: str | Pa
     for exptime, master in master_darks.items():
         header = master.header.copy()
         header[keys.exptime] = exptime
-        paths.append(write_master(master, work_dir / master_dark_name(exptime, len(master_darks)),
-                                  header=header,
+        name = master_dark_name(exptime, n_exptimes=len(master_darks))
+        paths.append(write_master(master, work_dir / name, header=header,
                                   history=[f"datared: bias-subtracted master dark, {exptime:g} s, "
                                            f"{master.header.get('NCOMBINE', '?')} frames"]))
     return paths
@@ -972,28 +973,30 @@ class CalibrationTerms:
     note: str = ""
 
 
-def _master_dark_exptime(path: Path, exptime_key: str) -> float:
+def _master_dark_exptime(path: Path, keys: HeaderKeys) -> float:
     """Exposure time of a master dark, from its header or its file name (masterdark_<t>s)."""
+    # Only the header is needed here: the dark that is chosen is read with read_master.
     header = fits.getheader(path)
-    if exptime_key in header:
-        return number_value(header, HeaderKeys(exptime=exptime_key), "exptime", file=path)
+    if keys.exptime in header:
+        return number_value(header, keys, "exptime", file=path)
     stem = path.stem
     if stem.startswith("masterdark_") and stem.endswith("s"):
         try:
             return float(stem[len("masterdark_"):-1])
         except ValueError:
             pass
-    raise FrameError(f"{path}: no {exptime_key} keyword and no exposure time in the file name; "
+    raise FrameError(f"{path}: no {keys.exptime} keyword and no exposure time in the file name; "
                      "rerun notebooks/02-pre-reduction.ipynb to rewrite the master darks")
 
 
 def load_calibration_terms(work_dir: str | Path, filter_name: str, exptime: float, *,
-                           exptime_key: str = "EXPTIME") -> CalibrationTerms:
+                           keys: HeaderKeys = NINA_KEYS) -> CalibrationTerms:
     """Master bias, dark signal for ``exptime`` and master flat of ``filter_name`` from work_dir.
 
-    The dark is chosen and scaled as chapter 02 did (:func:`choose_dark`). A missing master
-    bias or flat raises :class:`~datared.errors.MissingInputError` naming chapter 02; no
-    master dark means no dark signal (zero).
+    The masters are read with :func:`read_master`; the dark is chosen and scaled as chapter
+    02 did (:func:`choose_dark`). A missing master bias or flat raises
+    :class:`~datared.errors.MissingInputError` naming chapter 02; no master dark means no
+    dark signal (zero).
 
     Parameters
     ----------
@@ -1001,19 +1004,18 @@ def load_calibration_terms(work_dir: str | Path, filter_name: str, exptime: floa
         ``masterflat_<filter>.fits``.
     filter_name : filter of the frame.
     exptime : exposure time of the frame, s.
-    exptime_key : header keyword of the exposure time in the master darks, s.
+    keys : the night's header keywords (``exptime`` is read from the master darks).
     """
     work_dir = Path(work_dir)
-    bias = fits.getdata(require(work_dir / "masterbias.fits", chapter="02-pre-reduction"))
-    flat = fits.getdata(require(work_dir / f"masterflat_{filter_name}.fits",
-                                chapter="02-pre-reduction"))
-    darks = {_master_dark_exptime(p, exptime_key): p
-             for p in sorted(work_dir.glob("masterdark*.fits"))}
+    bias = read_master(require(work_dir / "masterbias.fits", chapter="02-pre-reduction")).data
+    flat = read_master(require(work_dir / f"masterflat_{filter_name}.fits",
+                               chapter="02-pre-reduction")).data
+    darks = {_master_dark_exptime(p, keys): p for p in sorted(work_dir.glob("masterdark*.fits"))}
     dark_exptime, scale = choose_dark(darks, float(exptime))
     if dark_exptime is None:
         dark, note = 0.0, "no master dark: dark signal taken as zero"
     else:
         factor = float(exptime) / dark_exptime if scale else 1.0
-        dark = fits.getdata(darks[dark_exptime]).astype(np.float64) * factor
+        dark = read_master(darks[dark_exptime]).data.astype(np.float64) * factor
         note = f"{darks[dark_exptime].name} x {factor:g}"
     return CalibrationTerms(bias.astype(np.float64), dark, flat.astype(np.float64), note)

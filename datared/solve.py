@@ -6,7 +6,8 @@ header pointing in both parities (:func:`pattern_match_wcs`), then re-match ever
 TAN-SIP with weights and outlier rejection (:func:`refine_wcs`). :func:`solve_python` runs
 them on a frame and never raises for a bad frame: it returns a :class:`Solution` that says
 why it failed. The astrometry.net backend (:mod:`datared.astrometry_net`) returns the same
-:class:`Solution`; :func:`summary_table` and :func:`write_solved` serve both.
+:class:`Solution`; :func:`solve_frame` is the one entry point for both, and
+:func:`summary_table` and :func:`write_solved` serve both.
 """
 
 from __future__ import annotations
@@ -24,14 +25,17 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from datared.detection import detect_stars
-from datared.errors import AstrometryError, FrameError
+from datared.errors import FRAME_ERRORS, AstrometryError, FrameError
 from datared.frame import (
     NINA_KEYS,
+    Frame,
     HeaderKeys,
     frame_epoch,
     header_pointing,
     header_without_wcs,
     pixel_scale_of,
+    read_frame,
+    write_frame,
 )
 from datared.wcsfit import (
     catalog_at_epoch,
@@ -205,7 +209,7 @@ def refine_wcs(wcs: WCS, stars: Table, sky: SkyCoord, mag: np.ndarray,
                                   "the pattern match")
         degree = sip_degree_for(len(det_i), sip_degree) if it > 0 else 0
         for _ in range(5):
-            wcs = fit_tan_sip(det_xy[det_i], sky[cat_i], degree, shape,
+            wcs = fit_tan_sip(det_xy[det_i], sky[cat_i], sip_degree=degree, shape=shape,
                               weights=1.0 / sigma[det_i] ** 2)
             px, py = wcs.world_to_pixel(sky[cat_i])
             dr = np.hypot(px - det_xy[det_i, 0], py - det_xy[det_i, 1])
@@ -254,7 +258,7 @@ def solve_python(data: np.ndarray, header: fits.Header, catalog: Table, *,
     try:
         _solve_python(result, np.asarray(data), header, catalog, settings=settings, mask=mask,
                       saturation_adu=saturation_adu)
-    except (AstrometryError, FrameError) as err:
+    except FRAME_ERRORS as err:  # a degenerate fit raises numpy's LinAlgError, a ValueError
         result.success = False
         result.reason = str(err)
         result.wcs = None
@@ -288,7 +292,7 @@ def _solve_python(result: Solution, data: np.ndarray, header: fits.Header, catal
     mag = np.asarray(catalog[settings.mag_column], float)
     mag = np.where(np.isfinite(mag), mag, 99.0)
     # Only the stars that can fall on the frame, whatever the pointing error.
-    hint = hint_wcs(ra0, dec0, scale_arcsec, shape)
+    hint = hint_wcs(ra0, dec0, scale_arcsec=scale_arcsec, shape=shape)
     near = _near(sky, hint, shape, 1.2 * settings.search_radius_arcmin * 60.0 / scale_arcsec)
     if len(near) < settings.min_stars:
         raise AstrometryError(f"only {len(near)} catalogue stars within "
@@ -349,7 +353,7 @@ def pattern_match_wcs(det_xy: np.ndarray, sky: SkyCoord, mag: np.ndarray, *, ra0
     attempts += [(i * size, j * size, 0.55 * size, 20) for i, j in tiles
                  if (i, j) != (0, 0) and math.hypot(i, j) * size <= search_px + 0.5 * size]
     last_error = "no star pattern matched the catalogue"
-    hint = hint_wcs(ra0, dec0, scale_arcsec, shape)
+    hint = hint_wcs(ra0, dec0, scale_arcsec=scale_arcsec, shape=shape)
     for dx, dy, margin, n_det in attempts:
         if time.perf_counter() - start > max_seconds:
             last_error += f" (gave up after {max_seconds:g} s)"
@@ -359,7 +363,7 @@ def pattern_match_wcs(det_xy: np.ndarray, sky: SkyCoord, mag: np.ndarray, *, ra0
         n_ref = max(int(len(det) * grow * 1.3), len(det))
         centre = hint.pixel_to_world((nx - 1) / 2.0 + dx, (ny - 1) / 2.0 + dy)
         for mirrored in (False, True):
-            wcs = hint_wcs(centre.ra.deg, centre.dec.deg, scale_arcsec, shape,
+            wcs = hint_wcs(centre.ra.deg, centre.dec.deg, scale_arcsec=scale_arcsec, shape=shape,
                            mirrored=mirrored)
             ref_xy, ref_idx = _ranked_catalog(sky, mag, wcs, shape, margin)
             try:
@@ -370,7 +374,7 @@ def pattern_match_wcs(det_xy: np.ndarray, sky: SkyCoord, mag: np.ndarray, *, ra0
             if len(det_i) < 5:
                 last_error = f"only {len(det_i)} stars in the pattern match"
                 continue
-            linear = initial_wcs(det[det_i], sky[ref_idx[ref_i]], shape)
+            linear = initial_wcs(det[det_i], sky[ref_idx[ref_i]], shape=shape)
             scale = pixel_scale_of(linear)
             if abs(scale / scale_arcsec - 1) > 0.05:
                 last_error = f"the pattern match gave a pixel scale of {scale:.3f}\"/px"
@@ -401,25 +405,51 @@ def summary_table(solutions: list[Solution]) -> Table:
 
 
 def write_solved(src: str | Path, dst: str | Path, solution: Solution) -> Path:
-    """Copy the frame ``src`` to ``dst`` with the solution's WCS in the primary header.
+    """Write the calibrated frame ``src`` to ``dst`` with the solution's WCS in its header.
 
     Parameters
     ----------
-    src : calibrated frame (float32 image in the primary HDU, optional extensions).
+    src : calibrated frame (read with :func:`datared.frame.read_frame`: image, mask,
+        uncertainty and header are kept).
     dst : output file (overwritten: reruns are safe).
     solution : a successful :class:`Solution`.
     """
     if not solution.success or solution.wcs is None:
         raise AstrometryError(f"{Path(src).name}: no WCS to write ({solution.reason})")
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with fits.open(src) as hdul:
-        header = header_without_wcs(hdul[0].header)
-        header.extend(solution.wcs.to_header(relax=True), update=True)
-        header["ASTRBACK"] = (solution.backend, "astrometry backend (datared)")
-        header["ASTRNSTR"] = (solution.n_matched, "stars matched in the astrometric fit")
-        header["ASTRRMS"] = (round(solution.rms_px, 4), "[pix] rms residual of the fit")
-        primary = fits.PrimaryHDU(np.asarray(hdul[0].data, dtype=np.float32), header=header)
-        extra = [hdu.copy() for hdu in hdul[1:]]
-    fits.HDUList([primary, *extra]).writeto(dst, overwrite=True)
-    return dst
+    frame = read_frame(src)
+    header = header_without_wcs(frame.header)
+    header.extend(solution.wcs.to_header(relax=True), update=True)
+    header["ASTRBACK"] = (solution.backend, "astrometry backend (datared)")
+    header["ASTRNSTR"] = (solution.n_matched, "stars matched in the astrometric fit")
+    header["ASTRRMS"] = (round(solution.rms_px, 4), "[pix] rms residual of the fit")
+    return write_frame(frame, dst, header=header)
+
+
+def solve_frame(frame: Frame, catalog: Table | None, *, settings: SolverSettings,
+                backend: str = "python", index_config: str | Path | None = None,
+                saturation_adu: float | None = None) -> Solution:
+    """Solve one calibrated frame with either backend; both return a :class:`Solution`.
+
+    Parameters
+    ----------
+    frame : the calibrated frame (:func:`datared.frame.read_frame`).
+    catalog : reference stars for the "python" backend (not used by "astrometry.net").
+    settings : the solver's settings (scale, keywords, SIP degree...).
+    backend : "python" or "astrometry.net" (``config.astrometry_backend``).
+    index_config : the ``backend.cfg`` of the index files, for "astrometry.net".
+    saturation_adu : peak level above the sky at which a star counts as saturated, ADU
+        ("python" backend).
+    """
+    if backend == "python":
+        return solve_python(frame.data, frame.header, catalog, settings=settings,
+                            mask=frame.mask, file=frame.name, saturation_adu=saturation_adu)
+    if backend == "astrometry.net":
+        from datared.astrometry_net import solve_field
+
+        if index_config is None:
+            raise ValueError("the astrometry.net backend needs index_config (a backend.cfg "
+                             "listing index files; see astrometry_net.build_index)")
+        return solve_field(frame.path, index_config, scale_arcsec=settings.scale_arcsec,
+                           keys=settings.keys, sip_degree=settings.sip_degree)
+    raise ValueError(f"config.astrometry_backend = {backend!r}: use 'python' or "
+                     "'astrometry.net'")

@@ -21,7 +21,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from datared.errors import AstrometryError
 
 
-def hint_wcs(ra_deg: float, dec_deg: float, scale_arcsec: float, shape: tuple[int, int],
+def hint_wcs(ra_deg: float, dec_deg: float, *, scale_arcsec: float, shape: tuple[int, int],
              mirrored: bool = False) -> WCS:
     """A TAN WCS from the pointing and the pixel scale alone (north up, east left).
 
@@ -101,7 +101,7 @@ def _index_of(points: np.ndarray, chosen: np.ndarray) -> np.ndarray:
     return np.asarray(idx, int)
 
 
-def initial_wcs(xy: np.ndarray, sky: SkyCoord, shape: tuple[int, int]) -> WCS:
+def initial_wcs(xy: np.ndarray, sky: SkyCoord, *, shape: tuple[int, int]) -> WCS:
     """A first TAN WCS (no distortion) from a few matched stars.
 
     Parameters
@@ -136,7 +136,7 @@ def _tangent_plane(crval: tuple[float, float]) -> WCS:
     return proj
 
 
-def fit_tan_sip(xy: np.ndarray, sky: SkyCoord, sip_degree: int | None,
+def fit_tan_sip(xy: np.ndarray, sky: SkyCoord, *, sip_degree: int | None,
                 shape: tuple[int, int], weights: np.ndarray | None = None) -> WCS:
     """Weighted least-squares fit of a TAN-SIP WCS to matched pixel and sky positions.
 
@@ -245,7 +245,7 @@ def sip_degree_for(n_stars: int, wanted: int) -> int:
     return 0
 
 
-def grid_errors(fitted: WCS, truth: WCS, shape: tuple[int, int], n: int = 20) -> np.ndarray:
+def grid_errors(fitted: WCS, truth: WCS, shape: tuple[int, int], *, n: int = 20) -> np.ndarray:
     """Position error (pixels) of ``fitted`` against ``truth`` on an n x n pixel grid."""
     ny, nx = shape
     gx, gy = np.meshgrid(np.linspace(0, nx - 1, n), np.linspace(0, ny - 1, n))
@@ -254,7 +254,7 @@ def grid_errors(fitted: WCS, truth: WCS, shape: tuple[int, int], n: int = 20) ->
     return np.hypot(tx - gx.ravel(), ty - gy.ravel())
 
 
-def plot_residuals(ax, matched: Table, shape: tuple[int, int], title: str = "",
+def plot_residuals(ax, matched: Table, shape: tuple[int, int], *, title: str = "",
                    arrow_px: float | None = None):
     """Residual vectors of the matched stars across the field, coloured by size.
 

@@ -121,7 +121,7 @@ def test_fit_tan_sip_recovers_a_known_wcs(fit_degree):
     rng = np.random.default_rng(5)
     xy = np.column_stack([rng.uniform(0, SHAPE[1] - 1, 300), rng.uniform(0, SHAPE[0] - 1, 300)])
     sky = truth.pixel_to_world(xy[:, 0], xy[:, 1])
-    fitted = wcsfit.fit_tan_sip(xy, sky, fit_degree, SHAPE)
+    fitted = wcsfit.fit_tan_sip(xy, sky, sip_degree=fit_degree, shape=SHAPE)
     err = wcsfit.grid_errors(fitted, truth, SHAPE)
     assert err.max() < 1e-4
     if fit_degree:
@@ -141,8 +141,8 @@ def test_fit_tan_sip_weights_favour_precise_stars():
     sky = truth.pixel_to_world(xy[:, 0], xy[:, 1])
     sigma = np.where(np.arange(n) < 100, 0.01, 0.5)  # half precise, half poor
     noisy = xy + rng.normal(0, 1, xy.shape) * sigma[:, None]
-    plain = wcsfit.fit_tan_sip(noisy, sky, 3, SHAPE)
-    weighted = wcsfit.fit_tan_sip(noisy, sky, 3, SHAPE, weights=1 / sigma**2)
+    plain = wcsfit.fit_tan_sip(noisy, sky, sip_degree=3, shape=SHAPE)
+    weighted = wcsfit.fit_tan_sip(noisy, sky, sip_degree=3, shape=SHAPE, weights=1 / sigma**2)
     rms_plain = np.sqrt(np.mean(wcsfit.grid_errors(plain, truth, SHAPE) ** 2))
     rms_weighted = np.sqrt(np.mean(wcsfit.grid_errors(weighted, truth, SHAPE) ** 2))
     assert rms_weighted < 0.01 < rms_plain
@@ -155,7 +155,7 @@ def test_initial_wcs_uses_pixel_origin_zero():
     rng = np.random.default_rng(7)
     xy = np.column_stack([rng.uniform(0, SHAPE[1] - 1, 30), rng.uniform(0, SHAPE[0] - 1, 30)])
     sky = truth.pixel_to_world(xy[:, 0], xy[:, 1])
-    assert wcsfit.grid_errors(wcsfit.initial_wcs(xy, sky, SHAPE), truth, SHAPE).max() < 1e-3
+    assert wcsfit.grid_errors(wcsfit.initial_wcs(xy, sky, shape=SHAPE), truth, SHAPE).max() < 1e-3
 
 
 def test_sip_degree_drops_with_few_stars():

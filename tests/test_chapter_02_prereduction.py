@@ -9,6 +9,7 @@ from astropy.stats import mad_std
 
 import config
 from datared import reduction as red
+from datared.frame import read_frame
 from datared.io import night_collection
 from tests.conftest import checksums
 
@@ -23,7 +24,8 @@ def master_dark_rate(book_work) -> np.ndarray:
     darks = sorted(book_work.glob("masterdark*.fits"))
     assert darks, "the chapter wrote no masterdark*.fits"
     best = max(darks, key=lambda p: fits.getval(p, config.exptime_key))
-    return fits.getdata(best).astype(np.float64) / float(fits.getval(best, config.exptime_key))
+    master = red.read_master(best)
+    return master.data.astype(np.float64) / float(master.header[config.exptime_key])
 
 
 def true_hot_threshold(truth) -> float:
@@ -71,8 +73,8 @@ def test_master_flats_match_the_true_flats(book_work, truth):
     box = None
     for band in config.filters:
         true_flat = truth.image(f"flat_{band}.fits")
-        master = fits.getdata(book_work / f"masterflat_{band}.fits").astype(np.float64)
-        box = box or red.central_box(true_flat.shape, 0.8)
+        master = red.read_master(book_work / f"masterflat_{band}.fits").data.astype(np.float64)
+        box = box or red.central_box(true_flat.shape, fraction=0.8)
         ratio = master[box] / true_flat[box]
         rms = np.std(ratio / np.median(ratio) - 1)
         assert rms < 0.005, f"filter {band}: master/true flat RMS {rms:.4f}"
@@ -102,9 +104,8 @@ def test_calibrated_frames_equal_a_true_calibration(book_work, night_dir, truth,
     ideal = ((raw - truth.image("bias.fits")
               - truth.image("dark_current.fits") * float(header[config.exptime_key]))
              / truth.image(f"flat_{str(header[config.filter_key]).strip()}.fits"))
-    with fits.open(book_work / "LIGHT_PRERED" / path.name) as hdul:
-        ours = hdul[0].data.astype(np.float64)
-        mask = hdul["MASK"].data.astype(bool)
+    frame = read_frame(book_work / "LIGHT_PRERED" / path.name)
+    ours, mask = frame.data.astype(np.float64), frame.bad_pixels()
     # Bright: stars well above the sky (100 robust standard deviations), not masked.
     sky, noise = np.median(ideal), mad_std(ideal[::2, ::2])
     bright = (ideal > sky + 100 * noise) & ~mask & (raw < config.saturation_adu)

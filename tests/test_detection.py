@@ -73,16 +73,16 @@ def test_detect_stars_on_pure_noise_finds_almost_nothing():
     assert len(blank) == 0 and np.isnan(blank.meta["fwhm_px"])
 
 
-def test_mesh_background_follows_a_gradient_and_measures_the_noise():
+def test_the_quick_background_follows_a_gradient_and_measures_the_noise():
+    # What detect_stars subtracts when it is given no background (sep's mesh).
     rng = np.random.default_rng(12)
     yy, xx = np.mgrid[0:400, 0:600]
     sky = 500.0 + 0.03 * xx + 0.02 * yy + 5.0 * np.sin(xx / 150.0)
     image = (sky + rng.normal(0, 10, sky.shape)).astype(np.float32)
-    bkg = det.mesh_background(image)
-    assert bkg.background.shape == image.shape
-    assert bkg.rms_median == pytest.approx(10, rel=0.05)
+    bkg = det._sep_background(image, None)
+    assert bkg.globalrms == pytest.approx(10, rel=0.05)
     inner = (slice(32, -32), slice(32, -32))
-    assert np.abs(bkg.background - sky)[inner].max() < 2.0
+    assert np.abs(bkg.back() - sky)[inner].max() < 2.0
 
 
 def test_masked_pixels_are_never_detected():
@@ -166,3 +166,77 @@ def test_a_masked_pixel_near_a_star_keeps_its_centroid_and_size():
     assert len(stars) == 1
     assert math.hypot(stars["x"][0] - 60.3, stars["y"][0] - 59.8) < 0.03
     assert stars["fwhm"][0] == pytest.approx(3.4, abs=0.3)
+
+
+def moffat_stars(shape, x, y, flux, fwhm_px, beta=2.5, sky=500.0, rng=None, half=25):
+    """Moffat stars (sampled at pixel centres, normalised on the stamp) with noise."""
+    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    image = np.full(shape, sky, float)
+    offs = np.arange(-half, half + 1)
+    for xi, yi, fi in zip(x, y, flux, strict=True):
+        ix, iy = int(round(xi)), int(round(yi))
+        dx = offs[None, :] + ix - xi
+        dy = offs[:, None] + iy - yi
+        profile = (1.0 + (dx**2 + dy**2) / alpha**2) ** (-beta)
+        image[iy - half:iy + half + 1, ix - half:ix + half + 1] += fi * profile / profile.sum()
+    if rng is None:
+        return image.astype(np.float32)
+    return (rng.poisson(image) + rng.normal(0, 4.0, shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fwhm_true", [3.0, 4.5, 7.0])
+def test_fwhm_is_the_width_at_half_maximum_for_stars_with_wings(fwhm_true):
+    # Moffat stars have wings: a half-light radius overestimates the FWHM, the width at half
+    # the peak does not.
+    rng = np.random.default_rng(int(fwhm_true * 10))
+    shape = (600, 600)
+    x, y, flux = random_field(rng, shape, 60, flux_range=(4.5, 5.5), margin=40)
+    image = moffat_stars(shape, x, y, flux, fwhm_true, rng=rng)
+    stars = det.detect_stars(image)
+    assert stars.meta["fwhm_px"] == pytest.approx(fwhm_true, rel=0.08)
+    assert np.nanmedian(stars["fwhm"][:20]) == pytest.approx(fwhm_true, rel=0.08)
+
+
+def test_a_saturated_star_with_a_masked_core_is_one_star_at_its_centre():
+    # Calibration masks the saturated core of a bright star; detection must still see one
+    # round star there (not a ring of fragments) and centre it.
+    rng = np.random.default_rng(8)
+    shape = (200, 200)
+    image = moffat_stars(shape, [100.4], [99.7], [3e7], 4.0, rng=rng)
+    level = 60000.0
+    saturated = image >= level
+    image[saturated] = level
+    assert saturated.sum() > 9  # a real masked core
+    stars = det.detect_stars(image, mask=saturated, nsigma=5, saturation_adu=0.9 * level - 500)
+    near = np.hypot(stars["x"] - 100.4, stars["y"] - 99.7) < 15
+    assert near.sum() == 1
+    assert math.hypot(stars["x"][near][0] - 100.4, stars["y"][near][0] - 99.7) < 0.1
+    assert stars["saturated"][near][0]
+
+
+def test_fill_masked_removes_hot_pixels_and_keeps_sky_patches_masked():
+    rng = np.random.default_rng(9)
+    image = rng.normal(0, 10, (100, 100)).astype(np.float32)
+    bad = np.zeros(image.shape, bool)
+    image[20, 20] = 5000.0  # a hot pixel
+    bad[20, 20] = True
+    bad[50:70, 50:70] = True  # a masked patch of sky
+    filled, still_bad = det.fill_masked(image, bad, bright=200.0)
+    assert abs(filled[20, 20]) < 30
+    assert still_bad is not None and still_bad[60, 60] and not still_bad[20, 20]
+    assert np.abs(filled[bad]).max() < 60
+
+
+def test_an_overflowing_detection_is_a_frame_error():
+    from datared.errors import FrameError
+
+    rng = np.random.default_rng(10)
+    noise = rng.normal(0, 1, (600, 600)).astype(np.float32)
+    import sep
+
+    old = sep.get_extract_pixstack()
+    try:
+        with pytest.raises(FrameError, match="star detection failed"):
+            det._extract(det._DetectionImage.of(noise, None, 1.0), -5.0, 3.0, 1, True, None)
+    finally:
+        sep.set_extract_pixstack(old)

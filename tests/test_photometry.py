@@ -96,7 +96,7 @@ def test_fast_sums_equal_photutils_aperture_stats(field):
     x = np.append(np.asarray(stars["x"]), [1.2, 318.4, 160.3, 30.0])  # two cut by the edges
     y = np.append(np.asarray(stars["y"]), [150.0, 298.9, 101.4, 250.0])  # one on the masked
     radii = [2.0, 3.3, 5.0, 8.5]  # rows, one inside the masked block
-    fast = ph.aperture_photometry_fast(image, x, y, radii, background, mask=mask)
+    fast = ph.aperture_photometry_fast(image, x, y, radii, background=background, mask=mask)
     for k, radius in enumerate(radii):
         aperture = CircularAperture(np.column_stack([x, y]), r=radius)
         on_data = ApertureStats(image, aperture, mask=mask)
@@ -117,7 +117,8 @@ def test_fast_sums_equal_photutils_aperture_stats(field):
 
 def test_off_frame_positions_give_nan_and_a_flag(field):
     image, _ = field
-    fast = ph.aperture_photometry_fast(image, [-5.0, 50.0, np.nan], [10.0, 50.0, 3.0], [3.0])
+    fast = ph.aperture_photometry_fast(image, [-5.0, 50.0, np.nan], [10.0, 50.0, 3.0], [3.0],
+                                       background=300.0)
     assert fast["off_frame"].tolist() == [True, False, True]
     assert np.isnan(fast["sum"][0, 0]) and np.isnan(fast["sum"][2, 0])
     assert np.isfinite(fast["sum"][1, 0])
@@ -187,13 +188,15 @@ def test_saturation_is_judged_in_raw_adu_even_when_masked():
     mask[30, 30] = True  # chapter 02 masks saturated pixels
     # raw = 30000 * flat + bias + dark = 31050 < 40000: not saturated
     level = ph.saturation_level(40000.0, bias_adu=bias, dark_adu=dark, flat=flat)
-    fast = ph.aperture_photometry_fast(image, [30.0], [30.0], [3.0], 100.0, saturation=level,
+    fast = ph.aperture_photometry_fast(image, [30.0], [30.0], [3.0], background=100.0,
+                                       saturation=level,
                                        mask=mask)
     assert not fast["saturated"][0, 0]
     # a flat of 1.4 at that pixel: raw = 42050 > 40000 -> saturated although calibrated is lower
     flat[30, 30] = 1.4
     level = ph.saturation_level(40000.0, bias_adu=bias, dark_adu=dark, flat=flat)
-    fast = ph.aperture_photometry_fast(image, [30.0], [30.0], [3.0], 100.0, saturation=level,
+    fast = ph.aperture_photometry_fast(image, [30.0], [30.0], [3.0], background=100.0,
+                                       saturation=level,
                                        mask=mask)
     assert fast["saturated"][0, 0]
     assert fast["bad_pixels"][0, 0]
@@ -260,7 +263,8 @@ def reference_of_field(field):
     image, stars = field
     wcs = simple_wcs(image.shape, rotation_deg=30.0)
     frame = frame_of(image, wcs)
-    return frame, ph.reference_catalog(frame, 3.5, 3.0, gain_e_per_adu=1.0, min_snr=10)
+    return frame, ph.reference_catalog(frame, fwhm_pix=3.5, max_radius_arcsec=3.0,
+                                       gain_e_per_adu=1.0, min_snr=10)
 
 
 def test_reference_catalog_has_the_detection_columns(reference_of_field):
@@ -293,8 +297,10 @@ def test_reference_catalog_finds_the_stars_at_their_positions(field, reference_o
 def test_reference_catalog_flux_cut_removes_faint_sources(field):
     image, _ = field
     frame = frame_of(image, simple_wcs(image.shape))
-    loose = ph.reference_catalog(frame, 3.5, 3.0, gain_e_per_adu=1.0, min_snr=5)
-    strict = ph.reference_catalog(frame, 3.5, 3.0, gain_e_per_adu=1.0, min_snr=200)
+    loose = ph.reference_catalog(frame, fwhm_pix=3.5, max_radius_arcsec=3.0, gain_e_per_adu=1.0,
+                                 min_snr=5)
+    strict = ph.reference_catalog(frame, fwhm_pix=3.5, max_radius_arcsec=3.0, gain_e_per_adu=1.0,
+                                  min_snr=200)
     assert 0 < len(strict) < len(loose)
     assert np.all(strict["snr"] >= 200)
     assert strict.meta["MINSNR"] == 200
@@ -314,8 +320,8 @@ def test_reference_catalog_uses_the_photometric_background_and_the_given_setting
         return real(data, **kwargs)
 
     monkeypatch.setattr(ph, "detect_stars", spy)
-    ph.reference_catalog(frame, 3.2, 3.0, gain_e_per_adu=1.7, nsigma=4.0, n_pixels=7,
-                         min_snr=12.0, box_size=32, filter_size=3)
+    ph.reference_catalog(frame, fwhm_pix=3.2, max_radius_arcsec=3.0, gain_e_per_adu=1.7,
+                         nsigma=4.0, n_pixels=7, min_snr=12.0, box_size=32, filter_size=3)
     assert isinstance(seen["background"], BackgroundModel) and seen["background"].box_size == 32
     expected = estimate_background(image, box_size=32, filter_size=3, mask=frame.mask)
     np.testing.assert_array_equal(seen["background"].background, expected.background)
@@ -331,8 +337,8 @@ def test_cosmic_rays_are_not_in_the_reference_catalog(field):
     for y, x in hits:
         image[y, x] += 3000.0
     image[150, 152] += 2000.0
-    cleaned = ph.reference_catalog(frame_of(image, simple_wcs(image.shape)), 3.5, 3.0,
-                                   gain_e_per_adu=1.0, min_snr=5)
+    cleaned = ph.reference_catalog(frame_of(image, simple_wcs(image.shape)), fwhm_pix=3.5,
+                                   max_radius_arcsec=3.0, gain_e_per_adu=1.0, min_snr=5)
     xy = np.column_stack([cleaned["x"], cleaned["y"]])
     distance, _ = cKDTree(xy).query([(x, y) for y, x in hits])
     assert np.all(distance > 3), "a cosmic ray survived as a star"
@@ -344,10 +350,11 @@ def test_cosmic_rays_are_not_in_the_reference_catalog(field):
 def test_reference_catalog_refuses_frames_without_wcs_or_stars():
     noise = np.random.default_rng(4).normal(100.0, 5.0, (128, 128))
     with pytest.raises(FrameError, match="needs a WCS"):
-        ph.reference_catalog(frame_of(noise), 3.5, 3.0, gain_e_per_adu=1.0)
-    with pytest.raises(FrameError, match="no star with S/N >= 10"):
-        ph.reference_catalog(frame_of(noise, simple_wcs(noise.shape)), 3.5, 3.0,
+        ph.reference_catalog(frame_of(noise), fwhm_pix=3.5, max_radius_arcsec=3.0,
                              gain_e_per_adu=1.0)
+    with pytest.raises(FrameError, match="no star with S/N >= 10"):
+        ph.reference_catalog(frame_of(noise, simple_wcs(noise.shape)), fwhm_pix=3.5,
+                             max_radius_arcsec=3.0, gain_e_per_adu=1.0)
 
 
 def test_metadata_use_nina_names_whatever_the_camera_wrote(field):
@@ -359,14 +366,15 @@ def test_metadata_use_nina_names_whatever_the_camera_wrote(field):
                    "OBJECT": "TEST", "ALT-AIRM": 1.3})
     frame = Frame(Path("other.fits"), image, header, wcs, None)
     keys = HeaderKeys(date="DATE-LOC", exptime="EXPOSURE", airmass="ALT-AIRM")
-    reference = ph.reference_catalog(frame, 3.5, 3.0, gain_e_per_adu=1.0, keys=keys)
+    reference = ph.reference_catalog(frame, fwhm_pix=3.5, max_radius_arcsec=3.0,
+                                     gain_e_per_adu=1.0, keys=keys)
     assert reference.meta["DATE-OBS"] == "2024-02-15T20:00:00"
     assert reference.meta["EXPTIME"] == 30.0 and "EXPOSURE" not in reference.meta
     table = ph.measure_frame(frame, reference, [3.0], calibration=CalibrationTerms(0.0, 0.0, 1.0),
                              gain_e_per_adu=1.0, read_noise_e=5.0, saturation_adu=6e4,
                              keys=keys, aperture_mm=350.0)
     assert table.meta["EXPTIME"] == 30.0 and table.meta["AIRMASS"] == 1.3
-    assert table.meta["SCINT"] == pytest.approx(ph.scintillation_sigma(350.0, 1.3, 30.0))
+    assert table.meta["SCINT"] == pytest.approx(ph.scintillation_sigma(1.3, 30.0, aperture_mm=350.0))
     # with NINA's names the camera's keywords are not found: no metadata, no SCINT
     plain = ph.measure_frame(frame, reference, [3.0], calibration=CalibrationTerms(0.0, 0.0, 1.0),
                              gain_e_per_adu=1.0, read_noise_e=5.0, saturation_adu=6e4,
@@ -376,34 +384,40 @@ def test_metadata_use_nina_names_whatever_the_camera_wrote(field):
 
 # --- star sizes and the reference frame ---------------------------------------------------
 
-def test_gaussian_fwhm_is_recovered():
-    image, stars = synthetic_star_field((200, 200), 12, fwhm_pix=4.2, sky_adu=0.0,
-                                        flux_range_adu=(5e4, 2e5), margin=20, seed=5,
-                                        noise=False)
-    fwhm = ph.fit_gaussian_fwhm(image, stars["x"], stars["y"], box_size=17)
-    keep = isolated(stars, 12)
-    assert np.nanmedian(fwhm[keep]) == pytest.approx(4.2, rel=0.03)
-
-
-def test_psf_stars_are_bright_unsaturated_isolated_and_inside():
-    table = Table({"x": [50.0, 52.0, 150.0, 5.0, 100.0], "y": [50.0, 50.0, 150.0, 100.0, 20.0],
-                   "peak": [900.0, 800.0, 5000.0, 700.0, 600.0]})
-    chosen = ph.psf_stars(table, saturation=4000.0, shape=(200, 200), min_separation_pix=10.0)
-    # 0 and 1 are too close to each other, 2 too bright, 3 at the edge
-    assert chosen.tolist() == [4]
-
-
 def test_frame_quality_counts_sources_and_measures_the_seeing(field):
     image, stars = field
-    quality = ph.frame_quality(frame_of(image), 3.0, saturation=float(np.max(image)))
+    quality = ph.frame_quality(frame_of(image), saturation_adu=float(np.max(image)))
     assert set(quality) == {"n_sources", "fwhm_pix", "sky_adu", "sky_rms_adu"}
     assert 0.8 * len(stars) <= quality["n_sources"] <= 1.1 * len(stars)
     assert quality["fwhm_pix"] == pytest.approx(3.5, rel=0.1)
     assert quality["sky_adu"] == pytest.approx(300.0, abs=2.0)
     blurred, _ = synthetic_star_field((300, 320), 40, fwhm_pix=5.0, sky_adu=300.0,
                                       flux_range_adu=(3e3, 1e5), margin=12, seed=7)
-    worse = ph.frame_quality(frame_of(blurred), 3.0)
+    worse = ph.frame_quality(frame_of(blurred))
     assert worse["fwhm_pix"] > quality["fwhm_pix"] + 1.0
+
+
+def test_frame_quality_is_the_detection_with_the_frames_mask(field, monkeypatch):
+    """frame_quality counts detect_stars' stars above min_snr, takes its FWHM (meta) and
+    passes the frame's mask and the saturation level above the sky."""
+    image, _ = field
+    mask = np.zeros(image.shape, bool)
+    mask[100:104, 40:60] = True
+    seen = {}
+    real = ph.detect_stars
+
+    def spy(data, **kwargs):
+        seen.update(kwargs)
+        seen["result"] = real(data, **kwargs)
+        return seen["result"]
+
+    monkeypatch.setattr(ph, "detect_stars", spy)
+    quality = ph.frame_quality(frame_of(image, mask=mask), saturation_adu=6e4, min_snr=20.0)
+    assert seen["mask"] is mask and seen["min_snr"] == 20.0
+    assert seen["saturation_adu"] == pytest.approx(6e4 - quality["sky_adu"])
+    assert quality["n_sources"] == len(seen["result"])
+    assert np.all(seen["result"]["snr"] >= 20.0)
+    assert quality["fwhm_pix"] == seen["result"].meta["fwhm_px"]
 
 
 def test_choose_reference_prefers_sharp_frames_among_deep_ones():
@@ -434,7 +448,8 @@ def test_reference_and_forced_photometry_across_a_rotated_frame(tmp_path):
     wcs = simple_wcs(shape)
     ref_frame = read_frame(write_frame(tmp_path / "ref.fits", image, wcs))
     assert ref_frame.pixel_scale_arcsec == pytest.approx(0.6)
-    reference = ph.reference_catalog(ref_frame, 3.5, 3.0, gain_e_per_adu=1.0)
+    reference = ph.reference_catalog(ref_frame, fwhm_pix=3.5, max_radius_arcsec=3.0,
+                                     gain_e_per_adu=1.0)
     assert {"sky", "crowded", "contamination"} <= set(reference.colnames)
     path = ph.write_catalog(reference, tmp_path / "ref_catalog_TEST.fits")
     reference = QTable.read(path)
@@ -453,7 +468,7 @@ def test_reference_and_forced_photometry_across_a_rotated_frame(tmp_path):
     calibration = CalibrationTerms(bias=0.0, dark=0.0, flat=1.0)
     table_ref = ph.measure_frame(ref_frame, reference, [3.0], calibration=calibration,
                                  gain_e_per_adu=1.0, read_noise_e=5.0, saturation_adu=6e4,
-                                 fwhm_stars=10, aperture_mm=350.0)
+                                 measure_fwhm=True, aperture_mm=350.0)
     table_flip = ph.measure_frame(frame, reference, [3.0], calibration=calibration,
                                   gain_e_per_adu=1.0, read_noise_e=5.0, saturation_adu=6e4)
     np.testing.assert_allclose(table_flip["x"], shape[1] - 1 - table_ref["x"], atol=1e-6)
@@ -483,11 +498,13 @@ def test_frames_without_wcs_or_overlap_are_refused(tmp_path):
 
 
 def test_scintillation_follows_youngs_formula():
-    sigma = ph.scintillation_sigma(350.0, 1.0, 60.0, height_m=0.0)
+    sigma = ph.scintillation_sigma(1.0, 60.0, aperture_mm=350.0, height_m=0.0)
     assert sigma == pytest.approx(0.09 * 35 ** (-2 / 3) / math.sqrt(120.0))
-    assert ph.scintillation_sigma(350.0, 2.0, 60.0) > sigma > ph.scintillation_sigma(350.0, 1.0,
-                                                                                     240.0)
-    assert ph.scintillation_sigma(350.0, 1.0, 60.0, height_m=8000.0) == pytest.approx(
+    assert ph.scintillation_sigma(2.0, 60.0, aperture_mm=350.0) / sigma == pytest.approx(2**1.75)
+    assert ph.scintillation_sigma(1.0, 240.0, aperture_mm=350.0) / sigma == pytest.approx(0.5)
+    assert ph.scintillation_sigma(1.0, 60.0, aperture_mm=175.0) / sigma == pytest.approx(
+        2 ** (2 / 3))
+    assert ph.scintillation_sigma(1.0, 60.0, aperture_mm=350.0, height_m=8000.0) == pytest.approx(
         sigma / math.e)
 
 
@@ -515,9 +532,9 @@ def test_masked_pixels_are_filled_from_their_mirror_image():
     mask = np.zeros(image.shape, bool)
     mask[int(round(y)) + 1, int(round(x)) - 2: int(round(x)) + 1] = True  # three core pixels
     mask[int(round(y)) - 5, int(round(x)) + 4] = True  # one in the wings
-    clean = ph.aperture_photometry_fast(image, [x], [y], [3.0, 8.0], 100.0)
-    holes = ph.aperture_photometry_fast(image, [x], [y], [3.0, 8.0], 100.0, mask=mask)
-    filled = ph.aperture_photometry_fast(image, [x], [y], [3.0, 8.0], 100.0, mask=mask,
+    clean = ph.aperture_photometry_fast(image, [x], [y], [3.0, 8.0], background=100.0)
+    holes = ph.aperture_photometry_fast(image, [x], [y], [3.0, 8.0], background=100.0, mask=mask)
+    filled = ph.aperture_photometry_fast(image, [x], [y], [3.0, 8.0], background=100.0, mask=mask,
                                          fill_masked=True)
     assert np.all(holes["sum"] < 0.95 * clean["sum"]) and holes["bad_pixels"].all()
     np.testing.assert_allclose(filled["sum"], clean["sum"], rtol=0.01)
@@ -525,7 +542,7 @@ def test_masked_pixels_are_filled_from_their_mirror_image():
     # a masked mirror pixel cannot fill: the flag stays
     mask[int(round(2 * y - (y + 1))), int(round(2 * x - x))] = True
     mask[int(round(y)) - 1, int(round(x)) - 1: int(round(x)) + 3] = True
-    partly = ph.aperture_photometry_fast(image, [x], [y], [3.0], 100.0, mask=mask,
+    partly = ph.aperture_photometry_fast(image, [x], [y], [3.0], background=100.0, mask=mask,
                                          fill_masked=True)
     assert partly["bad_pixels"].all()
 

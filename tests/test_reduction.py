@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 from pathlib import Path
 
 import ccdproc
@@ -130,7 +131,8 @@ def reduce_mini_night(night: Path, work: Path):
     if master_darks:
         longest = max(master_darks)
         rate = master_darks[longest].data / longest
-    calibration.bad_pixels = red.bad_pixel_mask(SHAPE, rate, calibration.flats.values())
+    calibration.bad_pixels = red.bad_pixel_mask(SHAPE, dark_rate=rate,
+                                             master_flats=calibration.flats.values())
     table, light_log = red.calibrate_lights(light_files, calibration, work / "LIGHT_PRERED",
                                             saturation_adu=60000.0)
     return calibration, table, light_log, {"bias": bias_log, "dark": dark_log, **flat_logs}
@@ -190,12 +192,12 @@ def test_combine_tiles_give_the_same_result(tmp_path, monkeypatch):
 
 def test_combine_mem_limit_leaves_room_for_the_process():
     shape = (3194, 4788)
-    roomy = red.combine_mem_limit(shape, 2e9, in_use=0.3e9)
-    crowded = red.combine_mem_limit(shape, 2e9, in_use=1.0e9)
+    roomy = red.combine_mem_limit(shape, memory_budget=2e9, in_use=0.3e9)
+    crowded = red.combine_mem_limit(shape, memory_budget=2e9, in_use=1.0e9)
     assert 0 < crowded < roomy < 2e9 - 0.3e9
     assert roomy - crowded == pytest.approx(0.8 * 0.7e9)
     with pytest.raises(MemoryError, match="combine_memory_budget"):
-        red.combine_mem_limit(shape, 1e9, in_use=0.8e9)
+        red.combine_mem_limit(shape, memory_budget=1e9, in_use=0.8e9)
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,9 +222,9 @@ def test_choose_dark_matches_or_scales_the_longest():
 
 
 def test_master_dark_names():
-    assert red.master_dark_name(300.0, 1) == "masterdark.fits"
-    assert red.master_dark_name(300.0, 2) == "masterdark_300s.fits"
-    assert red.master_dark_name(0.5, 3) == "masterdark_0.5s.fits"
+    assert red.master_dark_name(300.0, n_exptimes=1) == "masterdark.fits"
+    assert red.master_dark_name(300.0, n_exptimes=2) == "masterdark_300s.fits"
+    assert red.master_dark_name(0.5, n_exptimes=3) == "masterdark_0.5s.fits"
 
 
 def test_calibration_offset_scales_the_dark():
@@ -237,11 +239,11 @@ def test_calibration_offset_scales_the_dark():
 
 def test_flat_level_problem():
     frame = CCDData(np.full(SHAPE, 55000.0, dtype=np.float32), unit="adu")
-    assert "saturation" in red.flat_level_problem(frame, 60000.0)
+    assert "saturation" in red.flat_level_problem(frame, saturation_adu=60000.0)
     frame.data[:] = 300.0
-    assert "too faint" in red.flat_level_problem(frame, 60000.0)
+    assert "too faint" in red.flat_level_problem(frame, saturation_adu=60000.0)
     frame.data[:] = 25000.0
-    assert red.flat_level_problem(frame, 60000.0) is None
+    assert red.flat_level_problem(frame, saturation_adu=60000.0) is None
 
 
 def test_bad_pixel_mask_finds_hot_and_dead_pixels():
@@ -249,7 +251,7 @@ def test_bad_pixel_mask_finds_hot_and_dead_pixels():
     rate = true_dark_rate() + rng.normal(0, 0.01, SHAPE)
     flat = true_flat("g") * (1 + rng.normal(0, 0.005, SHAPE))
     flat[3, 3] = 1.6  # over-responsive
-    mask = red.bad_pixel_mask(SHAPE, rate, [flat])
+    mask = red.bad_pixel_mask(SHAPE, dark_rate=rate, master_flats=[flat])
     assert mask.dtype == np.uint8
     assert {tuple(p) for p in np.argwhere(mask & red.BAD_HOT)} == set(HOT)
     assert {tuple(p) for p in np.argwhere(mask & red.BAD_LOW_RESPONSE)} == {DEAD}
@@ -268,7 +270,8 @@ def test_large_scale_follows_a_gradient():
 
 
 def test_noise_equation():
-    sigma = red.noise_equation_adu(np.array([0.0, 10000.0, -50.0]), GAIN, 4.5)
+    sigma = red.noise_equation_adu(np.array([0.0, 10000.0, -50.0]), gain_e_per_adu=GAIN,
+                                   read_noise_e=4.5)
     np.testing.assert_allclose(sigma, [3.0, np.sqrt(10000 * GAIN + 4.5**2) / GAIN, 3.0],
                                rtol=1e-6)
 
@@ -278,7 +281,8 @@ def test_cosmic_ray_cleaning_keeps_adu():
     data = (500.0 + rng.normal(0, np.sqrt(500 / GAIN), (64, 64))).astype(np.float32)
     data[30, 30] += 5000.0  # a one-pixel cosmic-ray hit
     ccd = CCDData(data, unit="adu", mask=np.zeros(data.shape, bool))
-    cleaned = red.clean_cosmic_rays(ccd, GAIN, READ_NOISE_ADU * GAIN, 60000.0)
+    cleaned = red.clean_cosmic_rays(ccd, gain_e_per_adu=GAIN, read_noise_e=READ_NOISE_ADU * GAIN,
+                                    saturation_adu=60000.0)
     assert cleaned.mask[30, 30]
     assert abs(cleaned.data[30, 30] - 500.0) < 100.0
     assert abs(np.median(cleaned.data) - 500.0) < 5.0  # still ADU, not electrons
@@ -372,7 +376,8 @@ def test_lights_without_flats_are_listed_not_dropped(tmp_path):
     assert set(skipped) == {"M37_r_000.fits", "M37_r_001.fits"}
     assert all("no master flat for filter 'r'" in reason for reason in skipped.values())
     assert not (tmp_path / "work" / "LIGHT_PRERED" / "M37_r_000.fits").exists()
-    summary = red.summary_table({"light": 4}, {"light": len(table)}, {"light": light_log})
+    summary = red.summary_table({"light": 4}, frames_done={"light": len(table)},
+                                skip_logs={"light": light_log})
     assert list(summary["skipped"]) == [2] and "no master flat" in summary["why skipped"][0]
 
 
@@ -410,7 +415,7 @@ def test_frames_of_type_returns_existing_absolute_paths(tmp_path):
 def test_skiplog_summary_table():
     log = SkipLog("bias")
     log.skip("a.fits", "cannot be used", quiet=True)
-    table = red.summary_table({"bias": 3}, {"bias": 2}, {"bias": log})
+    table = red.summary_table({"bias": 3}, frames_done={"bias": 2}, skip_logs={"bias": log})
     assert tuple(table[0]) == ("bias", 3, 2, 1, "cannot be used")
 
 
@@ -439,6 +444,7 @@ def test_write_master_darks_names_by_exposure_and_removes_stale_files(tmp_path):
 
 def test_frame_errors_are_the_projects_and_exclude_bugs():
     assert red.FRAME_ERRORS is errors.FRAME_ERRORS
+    assert not hasattr(red, "DEFAULT_KEYS")  # one set of default keywords: frame.NINA_KEYS
     for bug in (KeyError("EXPTIME"), TypeError("None * 2")):
         assert not isinstance(bug, red.FRAME_ERRORS)
 
@@ -530,11 +536,74 @@ def test_calibration_terms_match_or_scale_the_darks_as_chapter_02(tmp_path):
     darks = {t: CCDData(np.full((4, 4), t * 0.1, np.float32), unit="adu") for t in (300.0, 60.0)}
     red.write_master_darks(darks, tmp_path, keys=HeaderKeys(exptime="EXPOSURE"))
     # The exposure time is read from the keyword named, else from the file name.
-    for exptime_key in ("EXPOSURE", "EXPTIME"):
-        same = red.load_calibration_terms(tmp_path, "g", 60.0, exptime_key=exptime_key)
+    for keys in (HeaderKeys(exptime="EXPOSURE"), HeaderKeys()):
+        same = red.load_calibration_terms(tmp_path, "g", 60.0, keys=keys)
         assert np.all(same.dark == pytest.approx(6.0)) and "masterdark_60s.fits" in same.note
-        scaled = red.load_calibration_terms(tmp_path, "g", 150.0, exptime_key=exptime_key)
+        scaled = red.load_calibration_terms(tmp_path, "g", 150.0, keys=keys)
         assert np.all(scaled.dark == pytest.approx(15.0)) and "masterdark_300s.fits x 0.5" in scaled.note
     (tmp_path / "masterdark_300s.fits").rename(tmp_path / "masterdark_long.fits")
     with pytest.raises(FrameError, match="masterdark_long.fits"):
-        red.load_calibration_terms(tmp_path, "g", 150.0, exptime_key="EXPTIME")
+        red.load_calibration_terms(tmp_path, "g", 150.0)
+
+
+def test_calibration_terms_read_the_masters_with_read_master(tmp_path, monkeypatch):
+    """One reader of master frames: bias, flat and the chosen dark all go through read_master."""
+    fits.PrimaryHDU(np.full((4, 4), 1000.0, np.float32)).writeto(tmp_path / "masterbias.fits")
+    fits.PrimaryHDU(np.full((4, 4), 1.1, np.float32)).writeto(tmp_path / "masterflat_r.fits")
+    red.write_master_darks({120.0: CCDData(np.full((4, 4), 30.0, np.float32), unit="adu")},
+                           tmp_path)
+    read = []
+    original = red.read_master
+    monkeypatch.setattr(red, "read_master", lambda path: read.append(Path(path).name)
+                        or original(path))
+    terms = red.load_calibration_terms(tmp_path, "r", 60.0)
+    assert sorted(read) == ["masterbias.fits", "masterdark.fits", "masterflat_r.fits"]
+    assert np.all(terms.dark == pytest.approx(15.0))
+
+
+# Settings (thresholds, gains, keywords, budgets) are keyword-only past the data arguments,
+# so that a call reads like the settings it uses and a swapped pair cannot pass silently.
+KEYWORD_ONLY = {
+    "read_raw": ["overscan_section", "trim_section"],
+    "central_box": ["fraction"],
+    "robust_level_noise": ["step"],
+    "frame_statistics": ["keys", "step"],
+    "combine_mem_limit": ["memory_budget", "dtype", "in_use", "safety"],
+    "combine_files": ["memory_budget", "method"],
+    "stage_frames": ["scratch_dir", "skip_log", "check"],
+    "master_dark_name": ["n_exptimes"],
+    "exposure_time_of": ["keys"],
+    "group_by_exptime": ["keys", "decimals"],
+    "choose_dark": ["tolerance"],
+    "flat_level_problem": ["saturation_adu", "max_fraction", "min_level_adu", "step"],
+    "normalise_by_median": ["step"],
+    "normalise_master_flat": ["step"],
+    "large_scale": ["box"],
+    "hot_pixels": ["nsigma"],
+    "flat_response_outliers": ["low", "high", "box"],
+    "bad_pixel_mask": ["dark_rate", "master_flats", "hot_nsigma"],
+    "noise_equation_adu": ["gain_e_per_adu", "read_noise_e"],
+    "clean_cosmic_rays": ["gain_e_per_adu", "read_noise_e", "saturation_adu", "sigclip"],
+    "calibrate_frame": ["keys", "saturation_adu", "gain_e_per_adu"],
+    "write_master": ["header", "history"],
+    "summary_table": ["frames_done", "skip_logs"],
+    "build_master_bias": ["scratch_dir", "memory_budget"],
+    "build_master_darks": ["scratch_dir", "memory_budget", "keys"],
+    "build_master_flat": ["scratch_dir", "memory_budget", "saturation_adu", "keys"],
+    "calibrate_lights": ["keys", "saturation_adu", "gain_e_per_adu", "read_noise_e"],
+    "write_master_darks": ["keys"],
+    "load_calibration_terms": ["keys"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEYWORD_ONLY))
+def test_settings_are_keyword_only(name):
+    parameters = inspect.signature(getattr(red, name)).parameters
+    for argument in KEYWORD_ONLY[name]:
+        assert parameters[argument].kind is inspect.Parameter.KEYWORD_ONLY, (name, argument)
+
+
+def test_cosmic_ray_settings_cannot_be_passed_in_order():
+    ccd = CCDData(np.full((8, 8), 100.0, np.float32), unit="adu", mask=np.zeros((8, 8), bool))
+    with pytest.raises(TypeError):
+        red.clean_cosmic_rays(ccd, GAIN, 4.5, 60000.0)

@@ -25,7 +25,6 @@ from datared.sim import (
     simulate_night,
     sky,
     star_flux_adu,
-    young_scintillation,
 )
 from datared.sim.__main__ import main
 from datared.sim.instrument import Camera
@@ -394,11 +393,19 @@ def test_transit_model_depth_and_duration():
     assert f[1] < 1 and f[3] < 1
 
 
-def test_young_scintillation_scales():
-    s = young_scintillation(1.0, 60.0)
-    assert 5e-4 < s < 3e-3
-    assert young_scintillation(2.0, 60.0) / s == pytest.approx(2**1.75)
-    assert young_scintillation(1.0, 240.0) / s == pytest.approx(0.5)
+def test_scintillation_is_the_pipelines_formula(tiny):
+    """The simulator scatters star fluxes by photometry's scintillation_sigma (35 cm, 60 m)."""
+    from datared.photometry import scintillation_sigma
+    from datared.sim.night import SITE, TELESCOPE
+
+    lights = _frames(tiny)
+    lights = lights[lights["imagetyp"] == "LIGHT"]
+    assert len(lights) > 0
+    for row in lights:
+        expected = scintillation_sigma(float(row["airmass"]), float(row["exptime"]),
+                                       aperture_mm=TELESCOPE["aperture_mm"],
+                                       height_m=SITE["height_m"])
+        assert float(row["scintillation"]) == pytest.approx(expected, abs=2e-6)
 
 
 def test_render_stars_conserves_flux_and_fwhm():

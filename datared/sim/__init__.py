@@ -25,7 +25,6 @@ from datared.sim.night import (
     simulate_night,
     source_fingerprint,
     star_flux_adu,
-    young_scintillation,
 )
 from datared.sim.sky import Moffat
 
@@ -46,5 +45,4 @@ __all__ = [
     "simulate_night",
     "source_fingerprint",
     "star_flux_adu",
-    "young_scintillation",
 ]

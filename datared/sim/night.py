@@ -25,6 +25,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
+from datared.photometry import scintillation_sigma
 from datared.sim import instrument, sky
 from datared.sim.instrument import Camera
 
@@ -181,21 +182,6 @@ def sexagesimal(value_deg: float, hours: bool) -> str:
     m = int((v - d) * 60)
     s = (v - d - m / 60) * 3600
     return f"{sign}{d:02d} {m:02d} {s:04.1f}" if hours else f"{sign}{d:02d} {m:02d} {s:02.0f}"
-
-
-def young_scintillation(airmass: float, exptime_s: float, aperture_cm: float = 35.0,
-                        height_m: float = 60.0) -> float:
-    """Relative scintillation noise (Young 1967) for one exposure.
-
-    Parameters
-    ----------
-    airmass : airmass.
-    exptime_s : exposure time, seconds.
-    aperture_cm : telescope diameter, centimetres.
-    height_m : observatory height, metres.
-    """
-    return (0.09 * aperture_cm ** (-2 / 3) * airmass**1.75 * math.exp(-height_m / 8000.0)
-            / math.sqrt(2 * exptime_s))
 
 
 def colour_of(stars: Table, band: str) -> np.ndarray:
@@ -740,8 +726,8 @@ def _generate(root: Path, preset: Preset, seed: int, max_per_group: int | None,
                 lc_rows.append(dict(file=fr["file"], bjd_tdb=fr["bjd_tdb"],
                                     jd_utc=fr["jd_mid_utc"], host_flux=lc_host,
                                     variable_flux=lc_var, pierside=side))
-            scint = young_scintillation(x_air, exptime, TELESCOPE["aperture_mm"] / 10,
-                                        SITE["height_m"])
+            scint = scintillation_sigma(x_air, exptime, aperture_mm=TELESCOPE["aperture_mm"],
+                                        height_m=SITE["height_m"])
             flux = flux * (1.0 + rng.normal(0, scint, flux.size))
             psf = sky.Moffat(fwhm / pix, atm["psf_beta"])
             stars_e = sky.render_stars(shape, x, y, flux * cam.gain_e_per_adu, psf)
