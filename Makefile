@@ -1,6 +1,10 @@
 # datared: two commands for an instructor.
-#   make book   build the tutorial website from freshly executed notebooks (_build/html)
+#   make book   build the tutorial website (_build/html) from executed notebooks; executions
+#               are cached: a notebook runs again when its code, an earlier chapter's code,
+#               config.py, datared/ or a DATARED_* variable changed (book/_ext/datared_book.py)
+#   make book FORCE=1   the same, re-executing every notebook (CI=true does this too)
 #   make test   lint, unit tests, chapter tests against the sample night's truth, book build
+#               (the test build always executes every notebook, see tests/conftest.py)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,6 +14,11 @@ STAMP  := $(VENV)/.installed
 
 # A second simulated night (another seed) on which `make test` runs the chapters again.
 OTHER_SEED ?= 7
+
+# Non-empty: `make book` forgets the cached executions and runs every notebook.
+FORCE ?= $(CI)
+# jupyter-cache's folder for `make book` (myst-nb's default); `make clean` removes it too.
+EXEC_CACHE := _build/.jupyter_cache
 
 install: $(STAMP)
 
@@ -29,6 +38,7 @@ sample: $(STAMP)
 	$(BIN)/python -m datared.sim --if-missing --out "$$out" --preset "$$preset" --seed "$$seed"
 
 book: sample
+	$(if $(FORCE),rm -rf $(EXEC_CACHE))
 	$(BIN)/jupyter-book build . -W -n --keep-going
 
 lint: $(STAMP)

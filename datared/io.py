@@ -6,6 +6,7 @@ to ignore and the chapter names in.
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -124,8 +125,10 @@ class SkipLog:
     def skip(self, file: str | Path, reason: str, quiet: bool = False) -> None:
         """Record that ``file`` was skipped because of ``reason`` and say so."""
         self.skipped.append((Path(file).name, reason))
-        if not quiet:
-            print(f"Skipped {Path(file).name}: {reason}")
+        if not quiet:  # wrapped to fit the code column of the book's pages
+            print(textwrap.fill(f"Skipped {Path(file).name}: {reason}", width=100,
+                                subsequent_indent="    ", break_long_words=False,
+                                break_on_hyphens=False))
 
     def __len__(self) -> int:
         return len(self.skipped)

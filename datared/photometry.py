@@ -636,7 +636,10 @@ def reference_catalog(frame: Frame, *, fwhm_pix: float, max_radius_arcsec: float
     # Saturation is not judged here (no raw level passed): the column would only mislead.
     table.remove_column("saturated")
     sky_rms = float(table.meta.pop("sky_rms", background.rms_median))
+    # The FWHM is recorded as FWHMPIX below; "fwhm_measured" would only become a HIERARCH
+    # card (with a VerifyWarning) in the FITS file.
     table.meta.pop("fwhm_px", None)
+    table.meta.pop("fwhm_measured", None)
     radius_pix = max_radius_arcsec / frame.pixel_scale_arcsec
     table["contamination"] = contamination(table["x"], table["y"], table["flux"],
                                            radius_pix=radius_pix, fwhm_pix=fwhm_pix)

@@ -36,6 +36,7 @@ from astropy.wcs import FITSFixedWarning
 from datared.errors import FRAME_ERRORS, FrameError
 from datared.frame import NINA_KEYS, HeaderKeys, number_value, text_value, write_frame
 from datared.io import SkipLog, require
+from datared.progress import progress as progress_bar
 
 #: Bits of the bad-pixel mask written to ``badpixels.fits``.
 BAD_HOT = 1  # dark current far above the typical pixel (from the master dark)
@@ -168,10 +169,8 @@ def frame_statistics(paths: Iterable[str | Path], *, keys: HeaderKeys = NINA_KEY
     step : pixel sampling step for the statistics.
     progress : show a progress bar.
     """
-    from tqdm.auto import tqdm
-
     rows = []
-    for path in tqdm(list(paths), desc="statistics", disable=not progress):
+    for path in progress_bar(list(paths), desc="statistics", unit="frame", disable=not progress):
         try:
             ccd = read_raw(path, overscan_section=overscan_section, trim_section=trim_section)
             exptime = (number_value(ccd.header, keys, "exptime", file=path)
@@ -313,12 +312,10 @@ def stage_frames(paths: Iterable[str | Path], process: Callable[[CCDData], CCDDa
     overscan_section, trim_section : see :func:`read_raw`.
     desc : progress-bar label.
     """
-    from tqdm.auto import tqdm
-
     scratch_dir = Path(scratch_dir)
     scratch_dir.mkdir(parents=True, exist_ok=True)
     staged = []
-    for path in tqdm(list(paths), desc=desc):
+    for path in progress_bar(list(paths), desc=desc, unit="frame"):
         path = Path(path)
         try:
             ccd = read_raw(path, overscan_section=overscan_section, trim_section=trim_section)
@@ -896,8 +893,6 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
     -------
     (table of calibrated frames with the steps applied, skip log)
     """
-    from tqdm.auto import tqdm
-
     # Settings problems stop here, before the loop would skip every frame for them.
     if (with_uncertainty or cosmic_rays) and (gain_e_per_adu is None or read_noise_e is None):
         raise ValueError("with_uncertainty and cosmic_rays need gain_e_per_adu and read_noise_e")
@@ -905,7 +900,7 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
     out_dir.mkdir(parents=True, exist_ok=True)
     log = SkipLog("light")
     rows = []
-    for path in tqdm(list(paths), desc="calibrating"):
+    for path in progress_bar(list(paths), desc="calibrating", unit="frame"):
         path = Path(path)
         try:
             ccd = calibrate_frame(path, calibration, keys=keys, saturation_adu=saturation_adu,
