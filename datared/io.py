@@ -121,12 +121,20 @@ class SkipLog:
 
     step: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: Line width (characters) of the printed notes, to fit the code column of the pages.
+    width: int = 100
 
     def skip(self, file: str | Path, reason: str, quiet: bool = False) -> None:
-        """Record that ``file`` was skipped because of ``reason`` and say so."""
-        self.skipped.append((Path(file).name, reason))
-        if not quiet:  # wrapped to fit the code column of the book's pages
-            print(textwrap.fill(f"Skipped {Path(file).name}: {reason}", width=100,
+        """Record that ``file`` was skipped because of ``reason`` and say so.
+
+        A reason that starts with the file's name (as the messages of
+        :class:`~datared.errors.FrameError` do) is stored without it: the log names the file.
+        """
+        name = Path(file).name
+        reason = reason.removeprefix(f"{name}: ")
+        self.skipped.append((name, reason))
+        if not quiet:
+            print(textwrap.fill(f"Skipped {name}: {reason}", width=self.width,
                                 subsequent_indent="    ", break_long_words=False,
                                 break_on_hyphens=False))
 

@@ -69,3 +69,14 @@ def test_skip_log_lists_reasons(capsys):
     assert "a.fits: no flat in filter z" in capsys.readouterr().out
     table = log.table()
     assert len(log) == 1 and list(table["file"]) == ["a.fits"]
+
+
+def test_skip_log_names_the_file_once_and_wraps(capsys):
+    log = SkipLog("night in time", width=60)
+    reason = ("the header has no DATE-OBS keyword (date); add it, or set date_key in config.py "
+              "to the keyword your software writes")
+    log.skip("/data/LIGHT/a.fits", f"a.fits: {reason}")
+    out = capsys.readouterr().out
+    assert out.count("a.fits") == 1 and out.startswith("Skipped a.fits: the header has no")
+    assert max(len(line) for line in out.splitlines()) <= 60
+    assert list(log.table()["reason"]) == [reason]

@@ -1,0 +1,119 @@
+"""Chapter 01 on odd nights: no darks, no bias and no flats, a science frame without a date.
+
+Each night is a hard-link copy of part of the sample night (the sample night itself is never
+written: folders and files are deleted in the copy only, and a changed header goes into a new
+file that replaces the link). Notebook 01 runs headless on it and must complete, saying what is
+missing, what chapter 02 will do about it, and which frame it left out and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from astropy.io import fits
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "01-data.ipynb"
+JUPYTER = Path(sys.executable).with_name("jupyter")
+N_LIGHTS = 10  # science frames kept in each odd night, to keep the chapter short
+
+
+def odd_night(night_dir: Path, dest: Path, *, drop: tuple[str, ...] = ()) -> Path:
+    """Hard-link copy of ``night_dir`` with only the first LIGHT frames and without ``drop``."""
+    subprocess.run(["cp", "-al", str(night_dir), str(dest)], check=True)
+    for folder in drop:
+        subprocess.run(["rm", "-r", str(dest / folder)], check=True)
+    for path in sorted((dest / "LIGHT").glob("*.fits"))[N_LIGHTS:]:
+        path.unlink()  # removes the link in the copy only
+    return dest
+
+
+def without_keyword(path: Path, keyword: str) -> None:
+    """Replace the hard link ``path`` by a new file whose header lacks ``keyword``."""
+    with fits.open(path) as hdul:  # read only: the file is shared with the sample night
+        data = hdul[0].data.copy()
+        header = hdul[0].header.copy()
+    del header[keyword]
+    path.unlink()
+    fits.writeto(path, data, header)
+
+
+def run_chapter_01(data_dir: Path, tmp_path: Path, notebook: Path = NOTEBOOK) -> str:
+    """Execute notebook 01 on ``data_dir``; return its printed output (fails on an error)."""
+    env = dict(os.environ, DATARED_DATA_DIR=str(data_dir), DATARED_WORK_DIR=str(tmp_path / "work"),
+               DATARED_TEXT_PROGRESS="1")
+    out_dir = tmp_path / "executed"
+    proc = subprocess.run([str(JUPYTER), "nbconvert", "--to", "notebook", "--execute",
+                           "--output-dir", str(out_dir), str(notebook)],
+                          env=env, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    executed = json.loads((out_dir / notebook.name).read_text())
+    out = "".join("".join(output.get("text", "")) for cell in executed["cells"]
+                  if cell["cell_type"] == "code" for output in cell["outputs"])
+    too_long = [line for line in out.splitlines() if len(line) > 90]
+    assert not too_long, f"printed lines over 90 characters: {too_long}"
+    assert str(data_dir) not in out and str(tmp_path) not in out, "a machine path is printed"
+    return out
+
+
+def flat(text: str) -> str:
+    """The output with line breaks turned into spaces (notes are wrapped)."""
+    return " ".join(text.split())
+
+
+def test_night_without_darks(night_dir, tmp_path):
+    night = odd_night(night_dir, tmp_path / "night", drop=("DARK",))
+    text = flat(run_chapter_01(night, tmp_path))
+    assert "dark DARK 0" in text
+    assert "No dark frames: chapter 02 skips the dark step. The dark current is not subtracted" \
+        in text
+    assert "No readable dark frame in this night: section 4.2 is skipped." in text
+    assert "bias frame:" in text and "flat frame:" in text  # the other types are still shown
+    assert f"{N_LIGHTS} science frames from" in text
+
+
+def test_night_without_bias_and_flats(night_dir, tmp_path):
+    night = odd_night(night_dir, tmp_path / "night", drop=("BIAS", "FLAT"))
+    text = flat(run_chapter_01(night, tmp_path))
+    assert "bias BIAS 0" in text and "flat FLAT 0" in text
+    assert "No bias frames: chapter 02 stops at its first step and asks for bias frames." in text
+    assert "No flat frames: chapter 02 has no master flat in any filter and stops" in text
+    assert "No readable bias frame in this night: section 4.1 is skipped." in text
+    assert "No readable flat frame in this night: section 4.3 is skipped." in text
+    assert "the measurement is skipped" in text  # no bias pair for the read noise
+    assert "dark frame:" in text
+
+
+def test_science_frame_without_date(night_dir, tmp_path):
+    night = odd_night(night_dir, tmp_path / "night")
+    undated = sorted((night / "LIGHT").glob("*.fits"))[1]
+    without_keyword(undated, "DATE-OBS")
+    assert "DATE-OBS" in fits.getheader(night_dir / "LIGHT" / undated.name), \
+        "the sample night itself was changed"
+    out = run_chapter_01(night, tmp_path)
+    text = flat(out)
+    assert (f"Skipped {undated.name}: the header has no DATE-OBS keyword (date); add it, or set "
+            "date_key in config.py") in text
+    assert out.count(undated.name) >= 1 and f"{undated.name}: {undated.name}" not in text
+    assert f"{N_LIGHTS - 1} science frames from" in text
+    assert "1 science frame(s) left out of the time span" in text
+    assert "frames left out by this chapter: 1" in text
+    assert "Every frame type is present" in text
+
+
+
+def test_night_without_flats_in_one_filter(night_dir, tmp_path):
+    night = odd_night(night_dir, tmp_path / "night")
+    bands = {fits.getval(path, "FILTER") for path in (night / "LIGHT").glob("*.fits")}
+    band = sorted(bands)[-1]  # a filter of the science frames kept
+    for path in (night / "FLAT").glob("*.fits"):
+        if fits.getval(path, "FILTER") == band:
+            path.unlink()
+    text = flat(run_chapter_01(night, tmp_path))
+    assert (f"No flats in filter {band}: chapter 02 does not calibrate the science frames of "
+            f"filter {band} and lists them as skipped.") in text
+    assert "Every frame type is present" not in text and "flat frame:" in text
