@@ -120,7 +120,35 @@ site = {"name": "Bonn", "lat_deg": 50.7275, "lon_deg": 7.0706, "height_m": 60.0}
 #: Targets, keyed by the OBJECT header value. Coordinates ICRS, degrees.
 targets = {
     "M37": {"kind": "cluster", "ra_deg": 88.074, "dec_deg": 32.545, "filters": ["g", "r", "i"]},
-    "WASP-104": {"kind": "transit", "ra_deg": 160.6025, "dec_deg": 7.4350, "filters": ["r"]},
+    "WASP-104": {
+        "kind": "transit", "ra_deg": 160.6025, "dec_deg": 7.4350, "filters": ["r"],
+        # Transit settings (chapter 06). The period and the shape parameters are those the
+        # book's simulator takes from the literature (Smith et al. 2014, A&A 570, A64; Chen
+        # et al. 2021, MNRAS 500, 5420); check them against the papers, or the NASA
+        # Exoplanet Archive, before using them for a real night.
+        "planet": "WASP-104 b",
+        "period_d": 1.75540636,
+        # Reference mid-transit time (BJD_TDB, days). The sample night's transit is
+        # fictional: this is the sample night's own ephemeris (the simulator's mid-transit
+        # time, the same for every seed, rounded to 1e-5 d), not a published one. For a real
+        # night put the published T0 and its error here.
+        "ephemeris_t0_bjd_tdb": 2460356.48846,
+        "ephemeris_t0_err_d": 0.0,
+        "ephemeris_source": "the sample night's own (fictional) mid-transit time, datared.sim",
+        "rp_rs_guess": 0.12,  # starting value of the fit only (Rp/R* has no prior)
+        "a_rs_prior": [6.90, 0.25],  # a/R*: value and 1-sigma width of a Gaussian prior
+        "b_prior": [0.77, 0.04],  # impact parameter: value and 1-sigma width
+        "priors_source": "a/R* = 6.90 and i = 83.6 deg (b = a/R* cos i) as adopted by "
+                         "datared.sim from Smith et al. 2014 and Chen et al. 2021; the "
+                         "widths are ours",
+        # Host star and quadratic limb darkening (u1, u2) per filter, with a Gaussian prior
+        # of width limb_darkening_sigma on each coefficient.
+        "teff_k": 5450.0, "logg_cgs": 4.5,
+        "limb_darkening": {"r": [0.46, 0.21]},
+        "limb_darkening_sigma": 0.10,
+        "limb_darkening_source": "approximate quadratic coefficients for SDSS r', Teff 5450 K, "
+                                 "log g 4.5, after the tables of Claret (2004, A&A 428, 1001)",
+    },
 }
 
 #: Reference catalogues: "sample" reads ``data_dir/catalogs/*.ecsv`` shipped with the
@@ -150,10 +178,31 @@ write_uncertainty = False
 #: Photometry (chapter 04): aperture radii in arcsec. Catalogue columns name each radius
 #: with a "p" for the decimal point: 3.0 arcsec -> sum_3p0, sum_err_3p0, max_3p0, back_sum_3p0.
 aperture_radii_arcsec = [2.0, 3.0, 4.0, 6.0]
+#: Frame quality (chapter 04): a frame beyond any of these limits is flagged in
+#: PHOTOMETRY/frame_quality.ecsv and in its catalogue's metadata (QUALITY), never chosen as
+#: a reference frame, and left out by the later chapters. The ratios compare a frame with the
+#: median of the frames of the same target and filter; the transparency is the flux of the
+#: bright stars relative to the clearest frames (1 = clear).
+frame_quality_limits = {"max_fwhm_ratio": 1.8, "max_ellipticity": 0.3,
+                        "min_transparency": 0.3, "max_sky_ratio": 5.0, "min_clean_stars": 3}
 
 
 def make_work_dirs() -> Path:
-    """Create ``work_dir`` and its sub-folders if missing; return ``work_dir``."""
-    for sub in ("", "LIGHT_PRERED", "ASTROMETRY", "PHOTOMETRY", "figures"):
-        (work_dir / sub).mkdir(parents=True, exist_ok=True)
+    """Create ``work_dir`` and its sub-folders if missing; return ``work_dir``.
+
+    Raises PermissionError, naming the folder and the setting to change, if the work folder
+    cannot be written (a read-only disk, another user's folder).
+    """
+    try:
+        for sub in ("", "LIGHT_PRERED", "ASTROMETRY", "PHOTOMETRY", "CMD", "LIGHTCURVE", "STACK",
+                    "figures"):
+            (work_dir / sub).mkdir(parents=True, exist_ok=True)
+        probe = work_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"the work folder {work_dir} cannot be written ({err.strerror or err}): set "
+            "work_dir in config.py, or the environment variable DATARED_WORK_DIR, to a folder "
+            "you can write to") from None
     return work_dir

@@ -153,6 +153,36 @@ def header_without_wcs(header: fits.Header) -> fits.Header:
     return clean
 
 
+def hdu_data(hdul: fits.HDUList, index: int, path: str | Path):
+    """The data of HDU ``index`` of an open file; a truncated file raises a clear FrameError.
+
+    astropy reads the pixels lazily and reports a file cut short (a copy interrupted, a disk
+    full while the camera wrote) only as "cannot reshape array of size N into shape ...";
+    this says how much of the image is there and what to do.
+    """
+    try:
+        return hdul[index].data
+    except (ValueError, TypeError) as err:
+        hdu = hdul[index]
+        axes = [int(hdu.header.get(f"NAXIS{k}", 0)) for k in range(1, int(hdu.header.get("NAXIS", 0)) + 1)]
+        expected = int(np.prod(axes)) if axes else 0
+        bytes_per_pixel = abs(int(hdu.header.get("BITPIX", 8))) // 8 or 1
+        path = Path(path)
+        try:
+            start = int(hdul.fileinfo(index)["datLoc"])
+            have = max(0, (path.stat().st_size - start) // bytes_per_pixel)
+        except (OSError, KeyError, TypeError):
+            have = None
+        compressed = path.name.lower().endswith((".gz", ".fz", ".bz2"))
+        if have is None or compressed or have >= expected:
+            what = f"its image data cannot be read ({err})"
+        else:
+            what = (f"the file is truncated: {have} of the {expected} pixels "
+                    f"({' x '.join(str(a) for a in axes)}) its header announces are there")
+        raise FrameError(f"{path.name}: {what}. Copy the file again from the camera computer, "
+                         "or remove it from the night folder.") from None
+
+
 def read_frame(path: str | Path) -> Frame:
     """Read a calibrated frame (image, ``MASK``, ``UNCERT``, header, WCS) as a :class:`Frame`.
 
@@ -167,8 +197,10 @@ def read_frame(path: str | Path) -> Frame:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", VerifyWarning)
+            # hdu_data says it better for a truncated file
+            warnings.filterwarnings("ignore", message="File may have been truncated")
             with fits.open(path, memmap=False) as hdul:
-                data = hdul[0].data
+                data = hdu_data(hdul, 0, path)
                 header = hdul[0].header.copy()
                 mask = np.asarray(hdul["MASK"].data) != 0 if "MASK" in hdul else None
                 uncertainty = (np.asarray(hdul["UNCERT"].data, dtype=np.float32)

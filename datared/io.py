@@ -145,3 +145,93 @@ class SkipLog:
         """The skipped frames as a table with columns ``file`` and ``reason``."""
         return Table(rows=self.skipped or None, names=("file", "reason"),
                      dtype=(str, str))
+
+
+# ---------------------------------------------------------------------------------------
+# What a chapter wrote in its last run (so later chapters never read stale files)
+# ---------------------------------------------------------------------------------------
+
+#: Name of the list of outputs a chapter keeps in each of its output folders.
+MANIFEST_NAME = "manifest.ecsv"
+
+
+def output_name(path: str | Path) -> str:
+    """File name of a chapter's output for the input ``path``: its stem plus ``.fits``.
+
+    Compressed and other FITS suffixes are dropped (``a.fits.gz`` -> ``a.fits``,
+    ``b.fit`` -> ``b.fits``), so every later chapter finds the file by one name.
+    """
+    name = Path(path).name
+    for suffix in sorted(FITS_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] + ".fits"
+    return name + ".fits"
+
+
+def write_manifest(folder: str | Path, outputs: Iterable[str | Path], *, chapter: str,
+                   sources: Iterable[str | Path] | None = None,
+                   pattern: str = "*.fits") -> list[Path]:
+    """Record the files a chapter wrote into ``folder`` in this run; remove stale ones.
+
+    Writes ``folder/manifest.ecsv`` (columns ``file`` and ``source``, the chapter in its
+    metadata) and deletes every file of ``folder`` that matches ``pattern`` but is not among
+    ``outputs``: the output of a frame that an earlier run wrote but this run did not (the
+    frame was removed from the night, or is now skipped) can then never reach a later
+    chapter.
+
+    Parameters
+    ----------
+    folder : the chapter's output folder (inside the work folder).
+    outputs : files written in this run (paths or names inside ``folder``).
+    chapter : the chapter's notebook name, e.g. ``"03-astrometry"``.
+    sources : for each output, the input it was made from (same order), or None.
+    pattern : which files of ``folder`` count as outputs of the chapter.
+
+    Returns
+    -------
+    The stale files removed (so the notebook can list them).
+    """
+    folder = Path(folder)
+    names = [Path(p).name for p in outputs]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{folder}: outputs written twice in one run: {', '.join(twice)} "
+                         "(two inputs with the same file name in different sub-folders: "
+                         "rename one of them)")
+    source_names = ([""] * len(names) if sources is None
+                    else [str(Path(s).name) for s in sources])
+    if len(source_names) != len(names):
+        raise ValueError("write_manifest: sources and outputs differ in length")
+    keep = set(names) | {MANIFEST_NAME}
+    removed = [p for p in sorted(folder.glob(pattern)) if p.is_file() and p.name not in keep]
+    for path in removed:
+        path.unlink()
+    table = Table({"file": names, "source": source_names}, dtype=(str, str))
+    table.meta["chapter"] = chapter
+    table.write(folder / MANIFEST_NAME, format="ascii.ecsv", overwrite=True)
+    return removed
+
+
+def read_manifest(folder: str | Path, *, chapter: str) -> list[Path]:
+    """The files that ``chapter`` wrote into ``folder`` in its last run, in recorded order.
+
+    Raises
+    ------
+    MissingInputError
+        If the folder has no manifest (the chapter has not run, or ran before manifests
+        existed) or a listed file is gone; the message says to rerun the chapter.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    rerun = (f"run notebooks/{chapter}.ipynb again (with the same config.py and "
+             "DATARED_WORK_DIR)")
+    if not path.exists():
+        raise MissingInputError(f"{path} is missing: the list of outputs of {chapter}; {rerun}.")
+    table = Table.read(path, format="ascii.ecsv")
+    files = [folder / str(name) for name in table["file"]]
+    missing = [p.name for p in files if not p.exists()]
+    if missing:
+        raise MissingInputError(
+            f"{folder}: {len(missing)} file(s) listed in {MANIFEST_NAME} are gone "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); {rerun}.")
+    return files

@@ -59,7 +59,9 @@ centre when possible (:func:`aperture_photometry_fast`).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -545,7 +547,8 @@ def frame_quality(frame: Frame, *, saturation_adu: float | None = None, nsigma: 
 
     Returns ``n_sources`` (stars detected with a flux S/N of at least ``min_snr``),
     ``fwhm_pix`` (the frame's FWHM as the detection measures it, ``meta["fwhm_px"]``: the
-    width at half maximum of bright, unsaturated, isolated stars), ``sky_adu`` (sigma-clipped
+    width at half maximum of bright, unsaturated, isolated stars), ``ellipticity``
+    (:func:`median_ellipticity`: high for trailed frames), ``sky_adu`` (sigma-clipped
     median of every 3rd unmasked pixel: enough to rank frames, and much faster than a
     background map) and ``sky_rms_adu`` (the detection's noise per pixel, ``meta["sky_rms"]``).
 
@@ -566,22 +569,53 @@ def frame_quality(frame: Frame, *, saturation_adu: float | None = None, nsigma: 
                          saturation_adu=None if saturation_adu is None
                          else float(saturation_adu) - float(sky))
     return {"n_sources": len(stars), "fwhm_pix": float(stars.meta["fwhm_px"]),
+            "ellipticity": median_ellipticity(stars),
             "sky_adu": float(sky), "sky_rms_adu": float(stars.meta["sky_rms"])}
 
 
-def choose_reference(quality: Table, *, depth_fraction: float = 0.9) -> int:
+def median_ellipticity(stars: Table, *, min_snr: float = 20.0) -> float:
+    """Median ellipticity (1 - b/a) of the bright, unsaturated stars of a detection.
+
+    Round stars give about 0.05-0.1 (noise and pixels); a trailed or badly guided frame
+    gives 0.3 and more. NaN when fewer than 3 stars qualify.
+
+    Parameters
+    ----------
+    stars : a table of :func:`datared.detection.detect_stars`.
+    min_snr : stars with a lower S/N are left out (their shapes are noise).
+    """
+    if len(stars) == 0:
+        return float("nan")
+    good = np.asarray(stars["snr"], dtype=float) >= min_snr
+    if "saturated" in stars.colnames:
+        good &= ~np.asarray(stars["saturated"], dtype=bool)
+    values = np.asarray(stars["ellipticity"], dtype=float)[good]
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size >= 3 else float("nan")
+
+
+def choose_reference(quality: Table, *, depth_fraction: float = 0.9,
+                     max_ellipticity: float | None = None) -> int:
     """Row of the reference frame: the sharpest among the frames nearly as deep as the deepest.
 
     Parameters
     ----------
-    quality : table with columns ``n_sources`` and ``fwhm_pix`` (one row per frame).
+    quality : table with columns ``n_sources`` and ``fwhm_pix`` (one row per frame), and
+        ``ellipticity`` when ``max_ellipticity`` is given.
     depth_fraction : a frame is a candidate if it has at least this fraction of the largest
         number of detected sources.
+    max_ellipticity : frames whose stars are more elongated than this (trailed, or with
+        strong coma) are never chosen; None: no limit.
     """
     n_sources = np.asarray(quality["n_sources"], dtype=float)
+    if max_ellipticity is not None:
+        # Not chosen: a trailed frame counts as having no sources.
+        elongated = ~(np.asarray(quality["ellipticity"], dtype=float) <= max_ellipticity)
+        n_sources = np.where(elongated, 0.0, n_sources)
     if len(n_sources) == 0 or n_sources.max() <= 0:
-        raise ValueError("no frame has detected sources: check the frames and the detection "
-                         "threshold before choosing a reference frame")
+        raise ValueError("no frame has detected sources (or all are trailed): check the "
+                         "frames and the detection threshold before choosing a reference "
+                         "frame")
     fwhm = np.asarray(quality["fwhm_pix"], dtype=float)
     candidates = np.flatnonzero(n_sources >= depth_fraction * n_sources.max())
     finite = candidates[np.isfinite(fwhm[candidates])]
@@ -678,7 +712,10 @@ def measure_frame(frame: Frame, reference: Table, radii_arcsec: Sequence[float],
     box_size, filter_size : ``Background2D`` box (pixels) and filter (boxes).
     measure_fwhm : store the frame's FWHM (arcsec) in the metadata as ``FWHM``: the FWHM
         that :func:`datared.detection.detect_stars` measures on this frame (the same
-        definition as :func:`frame_quality`; -1 if no star could be measured).
+        definition as :func:`frame_quality`; -1 if no star could be measured), with the
+        median ellipticity of its bright stars (``ELLIP``, :func:`median_ellipticity`) and
+        the number of stars it detected (``NSTARS``). ``SKY`` (median background, ADU per
+        pixel) is always stored.
     aperture_mm, height_m : telescope aperture (mm) and site height (m) for the expected
         scintillation noise in the metadata (``SCINT``, relative flux sigma); None: skip.
     """
@@ -715,6 +752,9 @@ def measure_frame(frame: Frame, reference: Table, radii_arcsec: Sequence[float],
                              saturation_adu=float(np.median(level)) - background.median)
         fwhm = float(stars.meta["fwhm_px"])
         meta["FWHM"] = fwhm * frame.pixel_scale_arcsec if np.isfinite(fwhm) else -1.0
+        meta["ELLIP"] = median_ellipticity(stars)
+        meta["NSTARS"] = len(stars)
+    meta["SKY"] = float(background.median)
     if aperture_mm is not None and "AIRMASS" in meta and "EXPTIME" in meta:
         meta["SCINT"] = scintillation_sigma(float(meta["AIRMASS"]), float(meta["EXPTIME"]),
                                             aperture_mm=aperture_mm, height_m=height_m)
@@ -734,3 +774,173 @@ def write_catalog(table, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     table.write(path, overwrite=True)
     return path
+
+
+#: Chapter 04's file name of a target's reference catalogue: ``ref_catalog_<target>.fits``.
+REFERENCE_PREFIX = "ref_catalog_"
+
+
+def reference_catalog_name(target: str) -> str:
+    """File name of the reference catalogue of ``target`` in the photometry folder."""
+    return f"{REFERENCE_PREFIX}{target}.fits"
+
+
+def frame_catalog_paths(phot_dir: str | Path, *, chapter: str = "04-photometry") -> list[Path]:
+    """The per-frame catalogues that the photometry chapter wrote in its last run.
+
+    Read from the folder's manifest (:func:`datared.io.read_manifest`), so that a catalogue
+    left over from an earlier run is never used; the reference catalogues are left out.
+    """
+    from datared.io import read_manifest
+
+    return [path for path in read_manifest(phot_dir, chapter=chapter)
+            if not path.name.startswith(REFERENCE_PREFIX)]
+
+
+# ---------------------------------------------------------------------------------------
+# Frame quality over the night: which frames to trust
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QualityLimits:
+    """Limits beyond which a frame is flagged as bad quality (the book's ``config``).
+
+    Ratios compare a frame with the median of the frames of the same target and filter, so
+    the limits do not depend on the telescope or the site.
+    """
+
+    #: FWHM over the median FWHM: defocused, or shaken by wind.
+    max_fwhm_ratio: float = 1.8
+    #: Median ellipticity (1 - b/a) of the bright stars: trailed or badly guided.
+    max_ellipticity: float = 0.3
+    #: Flux of the bright stars relative to the clearest frames: clouds, dew, a closed dome.
+    min_transparency: float = 0.3
+    #: Sky level over the median sky: twilight, moon, clouds lit from below.
+    max_sky_ratio: float = 5.0
+    #: Fewest reference stars measured cleanly on the frame.
+    min_clean_stars: int = 3
+
+
+def relative_transparency(flux: np.ndarray, *, clear_percentile: float = 90.0) -> np.ndarray:
+    """Per frame, the flux of the stars relative to the clearest frames.
+
+    Each star's flux is divided by its median over the frames; a frame's value is the
+    median of these ratios over its stars; the values are divided by their
+    ``clear_percentile`` percentile (the clearest frames, not one lucky frame), so a clear
+    frame has about 1 and a frame behind clouds that let half the light through about 0.5.
+    Extinction is included: the value falls with the airmass as well.
+
+    Parameters
+    ----------
+    flux : (n_frames, n_stars) fluxes per second of the same stars (NaN: not measured).
+    clear_percentile : percentile of the frames' values taken as clear.
+    """
+    flux = np.asarray(flux, dtype=float)
+    flux = np.where(flux > 0, flux, np.nan)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN stars or frames
+        ratio = flux / np.nanmedian(flux, axis=0)
+        per_frame = np.nanmedian(ratio, axis=1)
+        clear = np.nanpercentile(per_frame, clear_percentile) if np.isfinite(per_frame).any() \
+            else np.nan
+    return per_frame / clear
+
+
+def frame_quality_table(paths: Sequence[str | Path], *, radius_arcsec: float,
+                        limits: QualityLimits = QualityLimits(),
+                        min_snr: float = 50.0) -> Table:
+    """The quality of every measured frame, from the catalogues of :func:`measure_frame`.
+
+    One row per catalogue: ``catalog`` (file name), ``frame``, ``object``, ``filter``,
+    ``date_obs``, ``airmass``, ``fwhm_arcsec``, ``ellipticity``, ``sky_adu`` (``FWHM``,
+    ``ELLIP``, ``SKY`` of the metadata), ``clean_stars`` (bright stars measured without a
+    flag), ``transparency`` (:func:`relative_transparency` of the bright stars, per target
+    and filter), the ratios ``fwhm_ratio`` and ``sky_ratio`` to the median of the frames of
+    the same target and filter, ``good`` and ``quality`` ("ok" or the reasons, separated by
+    "; ").
+
+    Parameters
+    ----------
+    paths : per-frame catalogues (:func:`frame_catalog_paths`).
+    radius_arcsec : aperture whose fluxes and flags are used.
+    limits : the limits of a good frame.
+    min_snr : a star is bright if its median S/N over the frames is at least this.
+    """
+    tag = radius_tag(radius_arcsec)
+    tables = [Table.read(path) for path in paths]
+    rows = []
+    for path, table in zip(paths, tables, strict=True):
+        meta = table.meta
+        fwhm = float(meta.get("FWHM", np.nan))
+        rows.append({"catalog": Path(path).name, "frame": str(meta.get("FRAME", "")),
+                     "object": str(meta.get("OBJECT", "")),
+                     "filter": str(meta.get("FILTER", "")),
+                     "date_obs": str(meta.get("DATE-OBS", "")),
+                     "airmass": float(meta.get("AIRMASS", np.nan)),
+                     "fwhm_arcsec": fwhm if fwhm > 0 else np.nan,
+                     "ellipticity": float(meta.get("ELLIP", np.nan)),
+                     "sky_adu": float(meta.get("SKY", np.nan))})
+    names = ("catalog", "frame", "object", "filter", "date_obs", "airmass", "fwhm_arcsec",
+             "ellipticity", "sky_adu")
+    quality = Table(rows=rows or None, names=names,
+                    dtype=(str, str, str, str, str, float, float, float, float))
+    n = len(quality)
+    for name in ("transparency", "fwhm_ratio", "sky_ratio"):
+        quality[name] = np.full(n, np.nan)
+    quality["clean_stars"] = np.zeros(n, dtype=int)
+    for key in sorted(set(zip(quality["object"], quality["filter"], strict=True))):
+        rows_of = np.flatnonzero((quality["object"] == key[0]) & (quality["filter"] == key[1]))
+        group = [tables[i] for i in rows_of]
+        n_stars = min(len(t) for t in group)  # same reference catalogue: same rows
+        exptime = np.array([float(t.meta.get("EXPTIME", 1.0)) or 1.0 for t in group])
+        flux = np.array([np.asarray(t[f"sum_{tag}"], dtype=float)[:n_stars] for t in group])
+        err = np.array([np.asarray(t[f"sum_err_{tag}"], dtype=float)[:n_stars] for t in group])
+        clean = np.array([np.asarray(t[f"flags_{tag}"])[:n_stars] == 0 for t in group])
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            bright = np.nanmedian(np.where(clean, flux / err, np.nan), axis=0) >= min_snr
+        usable = clean & bright[None, :] & np.isfinite(flux)
+        quality["clean_stars"][rows_of] = usable.sum(axis=1)
+        quality["transparency"][rows_of] = relative_transparency(
+            np.where(usable, flux / exptime[:, None], np.nan))
+        for column, ratio in (("fwhm_arcsec", "fwhm_ratio"), ("sky_adu", "sky_ratio")):
+            values = np.asarray(quality[column][rows_of], dtype=float)
+            if np.isfinite(values).any():
+                quality[ratio][rows_of] = values / np.nanmedian(values)
+    reasons = []
+    for row in quality:
+        why = []
+        if row["clean_stars"] < limits.min_clean_stars:
+            why.append(f"only {row['clean_stars']} bright stars measured cleanly")
+        if row["transparency"] < limits.min_transparency:
+            why.append(f"transparency {row['transparency']:.2f} (clouds?)")
+        if row["fwhm_ratio"] > limits.max_fwhm_ratio:
+            why.append(f"FWHM {row['fwhm_ratio']:.1f} x the median (defocused or shaken?)")
+        if not np.isfinite(row["fwhm_arcsec"]):
+            why.append("no FWHM could be measured")
+        if row["ellipticity"] > limits.max_ellipticity:
+            why.append(f"stars elongated (ellipticity {row['ellipticity']:.2f}: trailed?)")
+        if row["sky_ratio"] > limits.max_sky_ratio:
+            why.append(f"sky {row['sky_ratio']:.1f} x the median (twilight, moon?)")
+        reasons.append("; ".join(why) or "ok")
+    quality["quality"] = reasons
+    quality["good"] = np.array([r == "ok" for r in reasons], dtype=bool)
+    quality.meta.update({"radius_arcsec": float(radius_arcsec), "min_snr": float(min_snr),
+                         "limits": dict(vars(limits))})
+    for name, fmt in (("airmass", ".3f"), ("fwhm_arcsec", ".2f"), ("ellipticity", ".2f"),
+                      ("sky_adu", ".1f"), ("transparency", ".3f"), ("fwhm_ratio", ".2f"),
+                      ("sky_ratio", ".2f")):
+        quality[name].format = fmt
+    return quality
+
+
+def mark_quality(quality: Table, phot_dir: str | Path) -> None:
+    """Write each frame's verdict into its catalogue's metadata (``QUALITY``: "ok" or why).
+
+    Later chapters read it there, so that they exclude (or down-weight) the same frames.
+    """
+    from astropy.io import fits
+
+    for row in quality:
+        fits.setval(Path(phot_dir) / row["catalog"], "QUALITY", ext=1,
+                    value=str(row["quality"])[:68])

@@ -34,8 +34,8 @@ from astropy.table import Table
 from astropy.wcs import FITSFixedWarning
 
 from datared.errors import FRAME_ERRORS, FrameError
-from datared.frame import NINA_KEYS, HeaderKeys, number_value, text_value, write_frame
-from datared.io import SkipLog, require
+from datared.frame import NINA_KEYS, HeaderKeys, hdu_data, number_value, text_value, write_frame
+from datared.io import SkipLog, output_name, require
 from datared.progress import progress as progress_bar
 
 #: Bits of the bad-pixel mask written to ``badpixels.fits``.
@@ -54,13 +54,16 @@ def _read_primary(path: Path) -> tuple[np.ndarray, fits.Header]:
     with warnings.catch_warnings():
         # Acquisition software writes non-standard cards that astropy repairs on read.
         warnings.simplefilter("ignore", VerifyWarning)
+        # hdu_data says it better for a truncated file
+        warnings.filterwarnings("ignore", message="File may have been truncated")
         with fits.open(path, memmap=False) as hdul:
-            for hdu in hdul:
-                if hdu.data is not None and hdu.is_image:
+            for index, hdu in enumerate(hdul):
+                data = hdu_data(hdul, index, path) if hdu.is_image else None
+                if data is not None:
                     header = hdu.header.copy()
                     if hdu is not hdul[0]:
                         header.extend(hdul[0].header, unique=True)
-                    return np.asarray(hdu.data), header
+                    return np.asarray(data), header
     raise ValueError(f"{path}: no image data in any HDU. Remove the file from the night folder.")
 
 
@@ -891,7 +894,9 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
 
     Returns
     -------
-    (table of calibrated frames with the steps applied, skip log)
+    (table of calibrated frames with the steps applied, skip log). Its ``file`` column is the
+    output's name (:func:`datared.io.output_name`: ``.fits``, whatever the raw suffix), ``raw``
+    the raw frame's name. Record the outputs with :func:`datared.io.write_manifest`.
     """
     # Settings problems stop here, before the loop would skip every frame for them.
     if (with_uncertainty or cosmic_rays) and (gain_e_per_adu is None or read_noise_e is None):
@@ -918,15 +923,17 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
                 n_cosmic = int(np.count_nonzero(ccd.mask & ~before))
                 ccd.header["HISTORY"] = (f"datared 02-pre-reduction: {n_cosmic} cosmic-ray "
                                          "pixels cleaned (L.A.Cosmic) and masked")
-            write_frame(ccd, out_dir / path.name)
+            write_frame(ccd, out_dir / output_name(path))
         except FRAME_ERRORS as err:
             log.skip(path, str(err))
+            (out_dir / output_name(path)).unlink(missing_ok=True)
             continue
-        rows.append((path.name, band, exptime,
+        rows.append((output_name(path), path.name, band, exptime,
                      calibration.dark_note(exptime), int(np.count_nonzero(ccd.mask)), n_cosmic))
     table = Table(rows=rows or None,
-                  names=("file", "filter", "exptime_s", "dark", "masked_pixels", "cosmic_pixels"),
-                  dtype=(str, str, float, str, int, int))
+                  names=("file", "raw", "filter", "exptime_s", "dark", "masked_pixels",
+                         "cosmic_pixels"),
+                  dtype=(str, str, str, float, str, int, int))
     return table, log
 
 

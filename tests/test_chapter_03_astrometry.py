@@ -130,3 +130,16 @@ def test_pure_noise_fails_cleanly(book_work):
     assert not sol.success
     assert sol.wcs is None
     assert sol.reason
+
+
+def test_manifests_list_exactly_the_frames_of_this_run(book_work):
+    """Chapter 02's manifest names every calibrated frame; chapter 03's every solved one."""
+    from datared.io import read_manifest
+
+    prered = book_work / "LIGHT_PRERED"
+    calibrated = read_manifest(prered, chapter="02-pre-reduction")
+    assert sorted(calibrated) == sorted(prered.glob("*.fits"))
+    solved = read_manifest(book_work / "ASTROMETRY", chapter="03-astrometry")
+    summary = Table.read(book_work / "ASTROMETRY" / "summary.ecsv")
+    assert sorted(p.name for p in solved) == sorted(summary["frame"][summary["success"]])
+    assert sorted(solved) == sorted((book_work / "ASTROMETRY").glob("*.fits"))

@@ -240,3 +240,24 @@ def test_an_overflowing_detection_is_a_frame_error():
             det._extract(det._DetectionImage.of(noise, None, 1.0), -5.0, 3.0, 1, True, None)
     finally:
         sep.set_extract_pixstack(old)
+
+
+@pytest.mark.parametrize("shape", [(300, 257), (130, 64), (64, 200)])
+def test_zoom_mesh_is_photutils_interpolation(shape):
+    """The separable spline gives Background2D's own full-resolution maps, to rounding."""
+    from photutils.background import Background2D, MedianBackground
+
+    from datared.detection import zoom_mesh
+    from tests.synthetic import synthetic_star_field
+
+    image, _ = synthetic_star_field(shape, n_stars=20, seed=4)
+    image = (image + np.linspace(0.0, 40.0, shape[1])[None, :]
+             + np.linspace(0.0, 9.0, shape[0])[:, None])
+    background = Background2D(image, 32, filter_size=3, bkg_estimator=MedianBackground())
+    for mesh, full in ((background.background_mesh, background.background),
+                       (background.background_rms_mesh, background.background_rms)):
+        mine = zoom_mesh(mesh, 32, shape)
+        assert mine.shape == shape
+        assert np.max(np.abs(mine - full)) < 1e-9 * max(1.0, float(np.max(np.abs(full))))
+    flat = zoom_mesh(np.full((3, 4), 7.5), 32, (90, 120))
+    assert flat.shape == (90, 120) and np.all(flat == 7.5)

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.table import Table
 
+from datared import io as dio
 from datared.io import (
     MissingInputError,
     SkipLog,
@@ -80,3 +82,45 @@ def test_skip_log_names_the_file_once_and_wraps(capsys):
     assert out.count("a.fits") == 1 and out.startswith("Skipped a.fits: the header has no")
     assert max(len(line) for line in out.splitlines()) <= 60
     assert list(log.table()["reason"]) == [reason]
+
+
+def test_output_name_drops_every_fits_suffix():
+    assert dio.output_name("night/LIGHT/a.fits.gz") == "a.fits"
+    assert dio.output_name("b.fit") == "b.fits"
+    assert dio.output_name("c.FITS") == "c.fits"
+    assert dio.output_name("d.fts") == "d.fits"
+
+
+def test_manifest_lists_this_run_and_removes_stale_outputs(tmp_path):
+    folder = tmp_path / "ASTROMETRY"
+    folder.mkdir()
+    for name in ("a.fits", "b.fits", "old.fits"):
+        (folder / name).write_bytes(b"x")
+    (folder / "summary.ecsv").write_text("kept: not a FITS output\n")
+    removed = dio.write_manifest(folder, [folder / "b.fits", "a.fits"], chapter="03-astrometry",
+                                 sources=["raw_b.fits.gz", "raw_a.fits"])
+    assert [p.name for p in removed] == ["old.fits"]
+    assert not (folder / "old.fits").exists() and (folder / "summary.ecsv").exists()
+    assert [p.name for p in dio.read_manifest(folder, chapter="03-astrometry")] == [
+        "b.fits", "a.fits"]
+    table = Table.read(folder / dio.MANIFEST_NAME)
+    assert list(table["source"]) == ["raw_b.fits.gz", "raw_a.fits"]
+    assert table.meta["chapter"] == "03-astrometry"
+    # A rerun that writes nothing leaves an empty list and no stale frame.
+    assert len(dio.write_manifest(folder, [], chapter="03-astrometry")) == 2
+    assert dio.read_manifest(folder, chapter="03-astrometry") == []
+
+
+def test_read_manifest_names_the_chapter_to_rerun(tmp_path):
+    with pytest.raises(MissingInputError, match="run notebooks/02-pre-reduction.ipynb again"):
+        dio.read_manifest(tmp_path, chapter="02-pre-reduction")
+    (tmp_path / "a.fits").write_bytes(b"x")
+    dio.write_manifest(tmp_path, ["a.fits"], chapter="02-pre-reduction")
+    (tmp_path / "a.fits").unlink()
+    with pytest.raises(MissingInputError, match="a.fits"):
+        dio.read_manifest(tmp_path, chapter="02-pre-reduction")
+
+
+def test_manifest_refuses_two_outputs_of_one_name(tmp_path):
+    with pytest.raises(ValueError, match="rename one"):
+        dio.write_manifest(tmp_path, ["x/a.fits", "y/a.fits"], chapter="02-pre-reduction")

@@ -387,7 +387,7 @@ def test_metadata_use_nina_names_whatever_the_camera_wrote(field):
 def test_frame_quality_counts_sources_and_measures_the_seeing(field):
     image, stars = field
     quality = ph.frame_quality(frame_of(image), saturation_adu=float(np.max(image)))
-    assert set(quality) == {"n_sources", "fwhm_pix", "sky_adu", "sky_rms_adu"}
+    assert set(quality) == {"n_sources", "fwhm_pix", "ellipticity", "sky_adu", "sky_rms_adu"}
     assert 0.8 * len(stars) <= quality["n_sources"] <= 1.1 * len(stars)
     assert quality["fwhm_pix"] == pytest.approx(3.5, rel=0.1)
     assert quality["sky_adu"] == pytest.approx(300.0, abs=2.0)
@@ -552,3 +552,73 @@ def test_synthetic_star_field_puts_the_exact_flux_in_each_star():
                                         flux_range_adu=(1e4, 1e4), margin=30, noise=False)
     assert float(np.sum(image - 10.0)) == pytest.approx(1e4, rel=1e-4)
     assert image.dtype == np.float32 and len(stars) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Frame quality over the night
+# ---------------------------------------------------------------------------------------
+
+def test_relative_transparency_finds_a_cloudy_frame():
+    rng = np.random.default_rng(3)
+    flux = rng.uniform(1e3, 1e5, 40)[None, :] * rng.normal(1.0, 0.01, (12, 40))
+    flux[4] *= 0.4
+    flux[7, :5] = np.nan  # some stars not measured on one frame
+    transparency = ph.relative_transparency(flux)
+    assert transparency[4] == pytest.approx(0.4, rel=0.02)
+    assert np.all(np.abs(np.delete(transparency, 4) - 1) < 0.02)
+
+
+def test_median_ellipticity_tells_a_trailed_frame_from_a_round_one():
+    from scipy.ndimage import convolve
+
+    from datared.detection import detect_stars
+
+    image, _ = synthetic_star_field((300, 300), n_stars=60, fwhm_pix=3.0, seed=5,
+                                    flux_range_adu=(2e4, 2e5))
+    round_stars = detect_stars(image, fwhm_px=3.0)
+    trail = np.zeros((1, 13))
+    trail[0, :] = 1 / 13  # 13 px trail along x: the mount stopped tracking for a moment
+    trailed = convolve(image.astype(float), trail, mode="nearest")
+    trailed_stars = detect_stars(trailed, fwhm_px=3.0)
+    assert ph.median_ellipticity(round_stars) < 0.15
+    assert ph.median_ellipticity(trailed_stars) > 0.5
+    assert np.isnan(ph.median_ellipticity(round_stars[:2]))
+
+
+def _quality_catalog(path, *, scale=1.0, fwhm=1.5, ellip=0.05, sky=100.0, n=30, seed=0):
+    rng = np.random.default_rng(seed)
+    flux = np.geomspace(2e4, 2e6, n) * scale * rng.normal(1, 0.005, n)
+    table = Table({"id": np.arange(1, n + 1), "sum_3p0": flux,
+                   "sum_err_3p0": np.sqrt(np.abs(flux)) + 10.0,
+                   "flags_3p0": np.zeros(n, dtype=int)})
+    table.meta.update({"FRAME": path.name, "OBJECT": "M37", "FILTER": "r", "EXPTIME": 60.0,
+                       "AIRMASS": 1.2, "DATE-OBS": f"2024-02-15T20:{seed:02d}:00",
+                       "FWHM": fwhm, "ELLIP": ellip, "SKY": sky})
+    table.write(path, overwrite=True)
+    return path
+
+
+def test_frame_quality_table_flags_each_fault_with_its_reason(tmp_path):
+    paths = [_quality_catalog(tmp_path / f"f{k:02d}.fits", seed=k) for k in range(8)]
+    paths += [_quality_catalog(tmp_path / "cloudy.fits", scale=0.1, seed=8),
+              _quality_catalog(tmp_path / "defocused.fits", fwhm=4.0, seed=9),
+              _quality_catalog(tmp_path / "trailed.fits", ellip=0.6, seed=10),
+              _quality_catalog(tmp_path / "twilight.fits", sky=2000.0, seed=11)]
+    quality = ph.frame_quality_table(paths, radius_arcsec=3.0)
+    verdict = dict(zip(quality["catalog"], quality["quality"], strict=True))
+    assert all(verdict[f"f{k:02d}.fits"] == "ok" for k in range(8))
+    assert "transparency 0.10" in verdict["cloudy.fits"]
+    assert "FWHM 2.7 x the median" in verdict["defocused.fits"]
+    assert "elongated" in verdict["trailed.fits"]
+    assert "sky" in verdict["twilight.fits"]
+    assert list(quality["good"]) == [True] * 8 + [False] * 4
+    ph.mark_quality(quality, tmp_path)
+    assert fits.getheader(tmp_path / "cloudy.fits", 1)["QUALITY"].startswith("transparency")
+    assert fits.getheader(tmp_path / "f00.fits", 1)["QUALITY"] == "ok"
+
+
+def test_choose_reference_never_picks_a_trailed_frame():
+    quality = Table({"n_sources": [100, 120, 95], "fwhm_pix": [3.0, 2.5, 3.2],
+                     "ellipticity": [0.05, 0.5, 0.06]})
+    assert ph.choose_reference(quality) == 1
+    assert ph.choose_reference(quality, max_ellipticity=0.3) == 0

@@ -391,6 +391,10 @@ def test_unreadable_frames_are_skipped_with_a_reason(tmp_path):
                                       tmp_path / "out")
     assert list(table["file"]) == ["M37_g_001.fits"]
     assert [name for name, _ in log.skipped] == ["M37_g_000.fits"]
+    # The reason says what is wrong in the user's terms, and what to do.
+    reason = log.skipped[0][1]
+    assert "the file is truncated" in reason and "of the" in reason and "pixels" in reason
+    assert "Copy the file again" in reason and "reshape" not in reason
 
 
 def test_overexposed_flats_are_skipped(tmp_path):
@@ -607,3 +611,22 @@ def test_cosmic_ray_settings_cannot_be_passed_in_order():
     ccd = CCDData(np.full((8, 8), 100.0, np.float32), unit="adu", mask=np.zeros((8, 8), bool))
     with pytest.raises(TypeError):
         red.clean_cosmic_rays(ccd, GAIN, 4.5, 60000.0)
+
+
+def test_a_compressed_light_is_calibrated_under_a_fits_name(tmp_path):
+    """A gzip-compressed raw frame keeps its stem; the calibrated copy is `.fits` (not lost)."""
+    import gzip
+    import shutil
+
+    night = make_night(tmp_path / "night", flat_bands=("g",), light_bands=("g",))
+    light = sorted((night / "LIGHT").glob("*.fits"))[0]
+    packed = light.with_name(light.name + ".gz")
+    with light.open("rb") as src, gzip.open(packed, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    light.unlink()
+    cal = red.Calibration(bias=true_bias().astype(np.float32),
+                          flats={"g": true_flat("g").astype(np.float32)})
+    table, log = red.calibrate_lights([packed], cal, tmp_path / "out")
+    assert len(log) == 0
+    assert list(table["file"]) == [light.name] and list(table["raw"]) == [packed.name]
+    assert fits.getdata(tmp_path / "out" / light.name).shape == true_bias().shape

@@ -88,3 +88,22 @@ def test_config_import_has_no_side_effects(tmp_path, monkeypatch):
         assert (tmp_path / "work" / "LIGHT_PRERED").is_dir()
     finally:
         sys.modules.pop("config", None)
+
+
+def test_an_unwritable_work_folder_is_named_with_the_setting(tmp_path, monkeypatch):
+    """A work folder that cannot be created stops at once, naming the setting to change.
+
+    (The folder's parent is a file: this fails for root too, unlike file permissions.)
+    """
+    import importlib
+    import sys
+
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("DATARED_WORK_DIR", str(tmp_path / "a-file" / "work"))
+    sys.modules.pop("config", None)
+    config = importlib.import_module("config")
+    try:
+        with pytest.raises(PermissionError, match="cannot be written.*DATARED_WORK_DIR"):
+            config.make_work_dirs()
+    finally:
+        sys.modules.pop("config", None)
