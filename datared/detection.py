@@ -91,6 +91,28 @@ def _zoom_factors(n_mesh: int, box: int, size: int):
     return prefilter, sparse.csr_matrix(evaluation)
 
 
+def median_filter_mesh(mesh: np.ndarray, size: int) -> np.ndarray:
+    """Median filter of a background mesh as ``Background2D`` applies it, vectorised.
+
+    The same as photutils' ``generic_filter(mesh, nanmedian, size, mode="constant",
+    cval=nan)`` (outside the mesh counts as missing, not as zero) for an odd ``size``.
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    if size % 2 != 1:
+        raise ValueError(f"median_filter_mesh: size must be odd, got {size}")
+    half = size // 2
+    padded = np.pad(np.asarray(mesh, dtype=np.float64), half, constant_values=np.nan)
+    windows = sliding_window_view(padded, (size, size)).reshape(*np.shape(mesh), size * size)
+    # np.nanmedian loops in Python over the windows here; sorting puts the NaNs last, and
+    # the median of the n finite values is the mean of the middle two (or the middle one).
+    ordered = np.sort(windows, axis=-1)
+    n = np.sum(np.isfinite(windows), axis=-1)
+    low = np.take_along_axis(ordered, np.maximum((n - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+    high = np.take_along_axis(ordered, (n // 2)[..., None], axis=-1)[..., 0]
+    return np.where(n > 0, (low + high) / 2, np.nan)
+
+
 def zoom_mesh(mesh: np.ndarray, box: int, shape: tuple[int, int]) -> np.ndarray:
     """A background mesh interpolated to full resolution, as photutils' ``Background2D`` does.
 
@@ -149,17 +171,25 @@ def estimate_background(data: np.ndarray, *, box_size: int = 64, filter_size: in
     box = int(min(box_size, *data.shape))
 
     def _run(pixel_mask):
-        return Background2D(data, box, mask=pixel_mask, filter_size=(filter_size, filter_size),
-                            sigma_clip=SigmaClip(sigma=3.0, maxiters=10),
-                            bkg_estimator=MedianBackground(), bkg_rms_estimator=StdBackgroundRMS(),
-                            exclude_percentile=80.0)
+        # Background2D's mesh filter calls nanmedian once per box from Python; with an odd
+        # filter size the same filter runs vectorised here (median_filter_mesh).
+        own_filter = filter_size % 2 == 1 and filter_size > 1
+        result = Background2D(data, box, mask=pixel_mask,
+                              filter_size=(1, 1) if own_filter else (filter_size, filter_size),
+                              sigma_clip=SigmaClip(sigma=3.0, maxiters=10),
+                              bkg_estimator=MedianBackground(),
+                              bkg_rms_estimator=StdBackgroundRMS(), exclude_percentile=80.0)
+        if not own_filter:
+            return result.background_mesh, result.background_rms_mesh
+        return (median_filter_mesh(result.background_mesh, filter_size),
+                median_filter_mesh(result.background_rms_mesh, filter_size))
 
-    first = _run(bad if bad.any() else None)
+    first_mesh, first_rms_mesh = _run(bad if bad.any() else None)
     # For the source mask the coarse grid of box values is enough (no interpolation).
-    rows = np.minimum(np.arange(data.shape[0]) // box, first.background_mesh.shape[0] - 1)
-    cols = np.minimum(np.arange(data.shape[1]) // box, first.background_mesh.shape[1] - 1)
-    coarse = first.background_mesh[np.ix_(rows, cols)]
-    coarse_rms = first.background_rms_mesh[np.ix_(rows, cols)]
+    rows = np.minimum(np.arange(data.shape[0]) // box, first_mesh.shape[0] - 1)
+    cols = np.minimum(np.arange(data.shape[1]) // box, first_mesh.shape[1] - 1)
+    coarse = first_mesh[np.ix_(rows, cols)]
+    coarse_rms = first_rms_mesh[np.ix_(rows, cols)]
     with np.errstate(invalid="ignore"):
         above = (data - coarse) > source_nsigma * coarse_rms
     # Only groups of >= 5 connected pixels count as sources: masking single noise peaks
@@ -171,13 +201,13 @@ def estimate_background(data: np.ndarray, *, box_size: int = 64, filter_size: in
     if dilate_pixels > 0:
         sources = ndimage.binary_dilation(sources, iterations=int(dilate_pixels))
     try:
-        second = _run(bad | sources)
+        mesh, rms_mesh = _run(bad | sources)
     except ValueError:
         # So crowded that no box keeps 20 % of its pixels: keep the sigma-clipped first pass.
-        second, sources = first, np.zeros_like(sources)
+        (mesh, rms_mesh), sources = (first_mesh, first_rms_mesh), np.zeros_like(sources)
     # Background2D's own .background and .background_rms give the same maps, slower.
-    background = zoom_mesh(second.background_mesh, box, data.shape)
-    rms = zoom_mesh(second.background_rms_mesh, box, data.shape)
+    background = zoom_mesh(mesh, box, data.shape)
+    rms = zoom_mesh(rms_mesh, box, data.shape)
     # A box median of n pixels scatters by sqrt(pi/2) * rms / sqrt(n); the median filter over
     # filter_size**2 boxes is again a median (another factor pi/2 in variance); the spline
     # interpolation between boxes smooths a little more, which we neglect (conservative).
