@@ -14,6 +14,7 @@ Environment variables override the paths without editing this file:
     Folder for downloads and the generated sample night.
 ``DATARED_SAMPLE_SEED``
     Seed of the simulated night (another night of the same simulator, in its own folder).
+``DATARED_CONFIG``: a TOML file of settings that override this file's (section 6; read at import).
 
 The chapter "Adapting the book to your telescope" (``book/adapting.md``) explains each
 setting.
@@ -53,10 +54,15 @@ def _default_cache_dir() -> Path:
 #: Cache for downloads and the generated sample night.
 cache_dir = Path(os.environ.get("DATARED_CACHE_DIR", _default_cache_dir())).expanduser()
 
+
+def _sample_night_name(preset: str, seed: int) -> str:
+    """Folder name of a simulated night in cache_dir (a seed other than the book's: its own)."""
+    return f"sample-night-{preset}" + ("" if seed == 20240215 else f"-seed{seed}")
+
+
 #: Raw frames of the night. Default: the built-in simulated night in the cache (a night
 #: with another seed than the book's gets its own folder).
-_sample_name = f"sample-night-{sample_preset}" + (
-    "" if sample_seed == 20240215 else f"-seed{sample_seed}")
+_sample_name = _sample_night_name(sample_preset, sample_seed)
 data_dir = Path(os.environ.get("DATARED_DATA_DIR", cache_dir / _sample_name)).expanduser()
 
 #: Outputs of every chapter (master frames, calibrated frames, catalogues, figures).
@@ -206,3 +212,31 @@ def make_work_dirs() -> Path:
             "work_dir in config.py, or the environment variable DATARED_WORK_DIR, to a folder "
             "you can write to") from None
     return work_dir
+
+
+# ---------------------------------------------------------------------------------------
+# 6. A settings file: DATARED_CONFIG names a TOML file whose values replace those above
+# ---------------------------------------------------------------------------------------
+# Read once, at import, when the variable is set (book/adapting.md, section 2.2). Precedence:
+# the values above < the settings file < the DATARED_* variables (DATARED_DATA_DIR,
+# DATARED_WORK_DIR, DATARED_CACHE_DIR, DATARED_SAMPLE_SEED): a variable that is set wins
+# over the file. A table in the file (imagetyp, site, frame_quality_limits) changes only the
+# keys it names; ``targets`` in the file replaces config.py's targets whole. TOML has no
+# None: ``overscan_section = ""`` (empty text) means None for the settings that allow None.
+
+#: The settings file in use (absolute path), or None when the settings are config.py's only.
+settings_file: Path | None = None
+#: Settings the file gives, in config.py's order, and those of them (with data_dir when it
+#: follows a new cache_dir, sample_preset or sample_seed) whose value differs from config.py.
+settings_in_file: tuple[str, ...] = ()
+settings_changed_by_file: tuple[str, ...] = ()
+#: Settings of the file that a DATARED_* variable overrides: {setting: variable}.
+settings_overridden_by_environment: dict[str, str] = {}
+
+
+
+if os.environ.get("DATARED_CONFIG", "").strip():
+    from datared.settings import apply_settings_file
+
+    apply_settings_file(globals(), os.environ["DATARED_CONFIG"].strip(),
+                        sample_night_name=_sample_night_name)

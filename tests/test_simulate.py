@@ -126,6 +126,7 @@ def test_layout_and_truth_files(tiny):
     for name in ("params.json", "stars.ecsv", "frames.ecsv", "lightcurves.ecsv", "README.md",
                  "bias.fits", "dark_current.fits", "flat_g.fits", "flat_r.fits", "flat_i.fits"):
         assert (tiny / "truth" / name).is_file(), name
+    assert (tiny / "datared.toml").is_file()  # the night's settings (tests/test_settings_file.py)
     params = json.loads((tiny / "truth" / "params.json").read_text())
     for key in ("gain_e_per_adu", "read_noise_e", "saturation_adu", "pixel_scale_arcsec",
                 "seed", "cluster", "planet"):

@@ -141,7 +141,8 @@ def inputs_key(srcdir: Path, settings) -> str:
     """Hash of what every chapter depends on besides its own code.
 
     ``config.py``, the ``datared/`` package, the ``DATARED_*`` (and ``XDG_CACHE_HOME``)
-    variables, and the data and work folders that config.py (``settings``) resolves.
+    variables, the data and work folders that config.py (``settings``) resolves, and the
+    contents of the settings file that ``DATARED_CONFIG`` names.
     """
     digest = hashlib.sha256()
     files = [srcdir / "config.py", *sorted((srcdir / "datared").rglob("*.py"))]
@@ -153,6 +154,10 @@ def inputs_key(srcdir: Path, settings) -> str:
     digest.update(json.dumps({n: os.environ[n] for n in names}).encode())
     if settings is not None:
         digest.update(f"{settings.data_dir}\n{settings.work_dir}".encode())
+        # The settings file named by DATARED_CONFIG: its contents, not only its name.
+        settings_file = getattr(settings, "settings_file", None)
+        if settings_file is not None and Path(settings_file).is_file():
+            digest.update(Path(settings_file).read_bytes())
     return digest.hexdigest()
 
 

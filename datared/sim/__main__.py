@@ -5,6 +5,7 @@
     python -m datared.sim --out DIR [--preset small] [--seed N] [--max-per-group N]
     python -m datared.sim --out DIR --preset small --seed N --if-missing
 
+Every night gets ``DIR/datared.toml``, its settings for ``DATARED_CONFIG=DIR/datared.toml``.
 ``--if-missing`` does nothing when ``DIR`` already holds this night (same preset, seed and
 simulator code) or frames of a real night. Every setting comes from the arguments; the
 book's ``make sample`` passes ``config.data_dir``, ``config.sample_preset`` and
@@ -21,6 +22,7 @@ from datared.io import find_fits
 from datared.sim.night import (
     DEFAULT_SEED,
     PRESETS,
+    SETTINGS_FILE,
     is_current_sample_night,
     is_sample_night,
     simulate_night,
@@ -49,6 +51,7 @@ def _generate_if_missing(target: Path, preset: str, seed: int, max_per_group: in
     print(f"Generating the {preset} sample night (seed {seed}) at {target} ...")
     simulate_night(target, preset, seed, max_per_group, progress=progress)
     print(f"Done: {target}")
+    print(f"Its settings file: {target / SETTINGS_FILE} (for DATARED_CONFIG)")
     return 0
 
 
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     out = simulate_night(out, args.preset, args.seed, args.max_per_group,
                          progress=not args.no_progress)
     print(f"Wrote the {args.preset} night (seed {args.seed}) to {out}")
+    print(f"Its settings file: {out / SETTINGS_FILE} (for DATARED_CONFIG)")
     return 0
 
 

@@ -11,6 +11,8 @@ in r with a meridian flip after egress. The same seed gives byte-identical files
 ``truth/README.md`` of a generated night for every file and convention. The stars and the
 atmosphere come from :mod:`datared.sim.sky`, the camera from :mod:`datared.sim.instrument`;
 the command line is :mod:`datared.sim.__main__` (``python -m datared.sim``).
+Each night also gets ``datared.toml``, the settings that reduce it (config.py's names), for
+``DATARED_CONFIG=<night>/datared.toml``.
 """
 
 from __future__ import annotations
@@ -817,6 +819,8 @@ def _generate(root: Path, preset: Preset, seed: int, max_per_group: int | None,
     }
     (truth / "params.json").write_text(json.dumps(_jsonable(params), indent=2) + "\n")
     (truth / "README.md").write_text(_readme(preset, params))
+    settings = night_settings(preset.name, seed, t0_bjd)
+    (root / SETTINGS_FILE).write_text(settings_toml(settings, preset.name, seed, max_per_group))
 
 
 def _write_catalogs(folder: Path, stars: Table, rng: np.random.Generator) -> None:
@@ -881,6 +885,162 @@ def _write_catalogs(folder: Path, stars: Table, rng: np.random.Generator) -> Non
                           "pmDE": "mas / yr"}.get(name, "mag")
     ref.meta = {"description": "Simulated ATLAS-REFCAT2 (J/ApJ/867/105) subset (sample night)"}
     ref.write(folder / "refcat2.ecsv", format="ascii.ecsv", overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The night's settings file (datared.toml)
+# ---------------------------------------------------------------------------------------
+
+#: Name of the settings file every night gets: ``DATARED_CONFIG=<night>/datared.toml``.
+SETTINGS_FILE = "datared.toml"
+#: The FITS keywords ``_nina_header`` writes, under the names of config.py's settings.
+HEADER_KEYS = {"imagetyp_key": "IMAGETYP", "filter_key": "FILTER", "exptime_key": "EXPTIME",
+               "date_key": "DATE-OBS", "object_key": "OBJECT", "xbinning_key": "XBINNING",
+               "ybinning_key": "YBINNING", "airmass_key": "AIRMASS", "ra_key": "RA",
+               "dec_key": "DEC", "pierside_key": "PIERSIDE"}
+#: The book's analysis choices for the transit of this night (chapter 06): the same values as
+#: config.py's WASP-104 entry, which tests/test_settings_file.py compares with this file.
+TRANSIT_ANALYSIS = {
+    "ephemeris_t0_err_d": 0.0,
+    "ephemeris_source": "the sample night's own (fictional) mid-transit time, datared.sim",
+    "rp_rs_guess": 0.12,
+    "a_rs_prior_sigma": 0.25,
+    "b_prior_sigma": 0.04,
+    "priors_source": "a/R* = 6.90 and i = 83.6 deg (b = a/R* cos i) as adopted by "
+                     "datared.sim from Smith et al. 2014 and Chen et al. 2021; the widths "
+                     "are ours",
+    "teff_k": 5450.0,
+    "logg_cgs": 4.5,
+    "limb_darkening_sigma": 0.10,
+    "limb_darkening_source": "approximate quadratic coefficients for SDSS r', Teff 5450 K, "
+                             "log g 4.5, after the tables of Claret (2004, A&A 428, 1001)",
+}
+
+
+def night_settings(preset: str, seed: int, t0_bjd_tdb: float | None) -> dict:
+    """The settings (config.py's names) that reduce a night of this simulator.
+
+    Parameters
+    ----------
+    preset, seed : the night's preset name and random seed.
+    t0_bjd_tdb : the night's mid-transit time (BJD_TDB, days), or None without a transit.
+    """
+    cam = Camera()
+    planet = sky.PLANET
+    transit = {"kind": "transit", "ra_deg": sky.TRANSIT_HOST["ra_deg"],
+               "dec_deg": sky.TRANSIT_HOST["dec_deg"], "filters": ["r"],
+               "planet": planet["name"], "period_d": planet["period_d"]}
+    if t0_bjd_tdb is not None:
+        a = TRANSIT_ANALYSIS
+        impact = planet["a_rs"] * math.cos(math.radians(planet["inc_deg"]))
+        transit.update({
+            "ephemeris_t0_bjd_tdb": round(float(t0_bjd_tdb), 5),
+            "ephemeris_t0_err_d": a["ephemeris_t0_err_d"],
+            "ephemeris_source": a["ephemeris_source"],
+            "rp_rs_guess": a["rp_rs_guess"],
+            "a_rs_prior": [planet["a_rs"], a["a_rs_prior_sigma"]],
+            "b_prior": [round(impact, 2), a["b_prior_sigma"]],
+            "priors_source": a["priors_source"],
+            "teff_k": a["teff_k"], "logg_cgs": a["logg_cgs"],
+            "limb_darkening": {"r": list(planet["u_r"])},
+            "limb_darkening_sigma": a["limb_darkening_sigma"],
+            "limb_darkening_source": a["limb_darkening_source"],
+        })
+    return {
+        "data_dir": ".",
+        "sample_preset": preset,
+        "sample_seed": int(seed),
+        "ignored_data_subdirs": ["truth", "catalogs"],
+        **HEADER_KEYS,
+        "imagetyp": {"bias": "BIAS", "dark": "DARK", "flat": "FLAT", "light": "LIGHT"},
+        "telescope": TELESCOPE["name"],
+        "focal_length_mm": TELESCOPE["focal_length_mm"],
+        "aperture_mm": TELESCOPE["aperture_mm"],
+        "camera": TELESCOPE["camera"],
+        "unbinned_pixel_um": instrument.PIXEL_UM / TELESCOPE["binning"],
+        "binning": TELESCOPE["binning"],
+        "pixel_scale_arcsec": TELESCOPE["pixel_scale_arcsec"],
+        "gain_e_per_adu": cam.gain_e_per_adu,
+        "read_noise_e": cam.read_noise_e,
+        "saturation_adu": cam.nonlinearity_start_adu,
+        "overscan_section": "",
+        "trim_section": "",
+        "filters": list(FILTERS),
+        "site": dict(SITE),
+        "targets": {"M37": {"kind": "cluster", "ra_deg": sky.CLUSTER["ra_deg"],
+                            "dec_deg": sky.CLUSTER["dec_deg"], "filters": list(FILTERS)},
+                    "WASP-104": transit},
+        "reference_catalog": "sample",
+    }
+
+
+#: Comment above each group of settings in datared.toml (the tables come last, as TOML wants).
+_SETTINGS_GROUPS = (
+    ("Where the frames are (a relative path starts at this file's folder) and which simulated "
+     "night this is", ("data_dir", "sample_preset", "sample_seed", "ignored_data_subdirs")),
+    ("FITS header keywords (NINA's names)", tuple(HEADER_KEYS)),
+    ('The instrument. "" means None: the camera has no overscan and no trim section',
+     ("telescope", "focal_length_mm", "aperture_mm", "camera", "unbinned_pixel_um", "binning",
+      "pixel_scale_arcsec", "gain_e_per_adu", "read_noise_e", "saturation_adu",
+      "overscan_section", "trim_section")),
+    ('Filters of the night; "sample": the reference catalogues are in catalogs/',
+     ("filters", "reference_catalog")),
+    ("Values of IMAGETYP for each kind of frame", ("imagetyp",)),
+    ("The observatory: degrees (east positive) and metres", ("site",)),
+    ("Targets, keyed by OBJECT (ICRS degrees): they replace config.py's targets whole",
+     ("targets",)),
+)
+
+
+def _toml_key(key: str) -> str:
+    """A TOML key: bare when it may be, else quoted."""
+    bare = key and all(c.isascii() and (c.isalnum() or c in "-_") for c in key)
+    return key if bare else json.dumps(key)
+
+
+def _toml_value(value) -> str:
+    """A TOML value (inline) for a bool, number, text, list or table of those."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # Python's shortest float repr is a TOML float (0.605, 1e-05)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's escapes are TOML's
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def settings_toml(settings: dict, preset: str, seed: int, max_per_group: int | None) -> str:
+    """Text of datared.toml for ``settings`` (from :func:`night_settings`), with comments."""
+    extent = "" if max_per_group is None else f", max_per_group {max_per_group}"
+    lines = [f"# Settings of the simulated night written by {GENERATOR}",
+             f"# (preset {preset}, seed {seed}{extent}).",
+             "# They override config.py's when DATARED_CONFIG names this file, e.g.",
+             f"#     DATARED_CONFIG=/path/to/this/night/{SETTINGS_FILE} .venv/bin/jupyter lab",
+             "# (book/adapting.md, section 2.2). The DATARED_* path variables win over them."]
+    written = set()
+    for comment, names in _SETTINGS_GROUPS:
+        lines += ["", f"# {comment}"]
+        for name in names:
+            value = settings[name]
+            written.add(name)
+            if not isinstance(value, dict):
+                lines.append(f"{name} = {_toml_value(value)}")
+            elif all(isinstance(v, dict) for v in value.values()):  # targets: a table each
+                for i, (key, entry) in enumerate(value.items()):
+                    lines += ([] if i == 0 else [""]) + [f"[{name}.{_toml_key(key)}]"]
+                    lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items()]
+            else:
+                lines.append(f"[{name}]")
+                lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
+    missing = set(settings) - written
+    if missing:
+        raise ValueError(f"settings without a group in datared.toml: {sorted(missing)}")
+    return "\n".join(lines) + "\n"
 
 
 def _readme(preset: Preset, params: dict) -> str:
