@@ -378,7 +378,8 @@ def test_the_cached_sample_night_has_a_file_that_changes_nothing(night_dir, load
     default = load_config(DATARED_DATA_DIR=night_dir, **seed)
     config = load_config(file, **seed)
     assert config.data_dir == night_dir
-    changed = [name for name in default._SETTINGS if getattr(config, name) != getattr(default, name)]
+    changed = [name for name in setting_names(vars(default))
+               if getattr(config, name) != getattr(default, name)]
     assert not changed, f"{file} changes {changed} against config.py"
 
 
