@@ -54,7 +54,8 @@ test-other-night: $(STAMP)
 	DATARED_SAMPLE_SEED=$(OTHER_SEED) $(MAKE) --no-print-directory sample
 	DATARED_SAMPLE_SEED=$(OTHER_SEED) $(BIN)/python -m pytest \
 	  tests/test_chapter_02_prereduction.py tests/test_chapter_03_astrometry.py \
-	  tests/test_chapter_04_photometry.py tests/test_chapter_06_lightcurve.py \
+	  tests/test_chapter_04_photometry.py tests/test_chapter_05_cmd.py \
+	  tests/test_chapter_06_lightcurve.py \
 	  tests/test_chapter_07_stack.py tests/test_book.py
 
 bench: sample

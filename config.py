@@ -86,9 +86,19 @@ airmass_key = "AIRMASS"
 ra_key = "RA"  # the mount's pointing: degrees, or sexagesimal hours as text
 dec_key = "DEC"  # the mount's pointing: degrees (number or sexagesimal text)
 pierside_key = "PIERSIDE"
+#: Keyword of the time of day when date_key holds only the date (DATE-OBS = '2019-03-26',
+#: TIME-OBS = '03:12:45.1'; MaxIm DL writes the time in "UT"). None: date_key holds both.
+#: A date with a UTC offset at its end ('2019-03-26T21:12:45-0700') is converted to UTC.
+time_key: str | None = None
+#: One keyword with both binnings, e.g. CCDSUM = '3 3'; None: xbinning_key and ybinning_key.
+binning_key: str | None = None
+#: Keywords that differ for one frame type, e.g. {"flat": {"filter_key": "FILTNAME"}} when
+#: the flats name their filter in FILTNAME and the other frames in filter_key.
+header_overrides: dict = {}
 
 #: Values of ``imagetyp_key`` for each kind of frame. Other software writes e.g.
-#: "Bias Frame", "Dark Frame", "Flat Field", "Light Frame": put those here.
+#: "Bias Frame", "Dark Frame", "Flat Field", "Light Frame": put those here. A night without
+#: an image-type keyword may use imagetyp_key = object_key when OBJECT says 'bias', 'flat'...
 imagetyp = {"bias": "BIAS", "dark": "DARK", "flat": "FLAT", "light": "LIGHT"}
 
 # ---------------------------------------------------------------------------------------
@@ -123,9 +133,18 @@ site = {"name": "Bonn", "lat_deg": 50.7275, "lon_deg": 7.0706, "height_m": 60.0}
 # 4. Targets of the night, reference catalogues, isochrones
 # ---------------------------------------------------------------------------------------
 
-#: Targets, keyed by the OBJECT header value. Coordinates ICRS, degrees.
+#: Targets, keyed by the OBJECT header value (other spellings of it in a list "aliases",
+#: e.g. "aliases": ["M 37", "NGC2099"]; case, spaces, - and _ do not matter). ICRS, degrees.
 targets = {
-    "M37": {"kind": "cluster", "ra_deg": 88.074, "dec_deg": 32.545, "filters": ["g", "r", "i"]},
+    "M37": {
+        "kind": "cluster", "ra_deg": 88.074, "dec_deg": 32.545, "filters": ["g", "r", "i"],
+        # Literature values (chapter 05 compares its fit with them and starts the fit at
+        # the distance and reddening; a cluster without them starts at cmd_settings').
+        "literature": {"log_age": 8.74, "mh": 0.045, "ebv": 0.227, "distance_modulus": 10.81},
+        "literature_source": "age 550 Myr, [M/H] and E(B-V): Hartman et al. 2008, ApJ 675, "
+                             "1233; distance 1450 pc from the Gaia DR2 parallax of Cantat-"
+                             "Gaudin et al. 2018, A&A 618, A93",
+    },
     "WASP-104": {
         "kind": "transit", "ra_deg": 160.6025, "dec_deg": 7.4350, "filters": ["r"],
         # Transit settings (chapter 06). The period and the shape parameters are those the
@@ -167,6 +186,45 @@ astrometry_backend = "python"
 
 #: Isochrones for the CMD chapter: "uwastro465isos" (PARSEC SDSS isochrones from PyPI).
 isochrone_source = "uwastro465isos"
+
+#: The CMD chapter (05). Radii and limits are in the units their names say; magnitudes are
+#: in the first filter of the cluster's target entry.
+cmd_settings = {
+    # reference stars (REFCAT2, Gaia) read within this radius of the target, degrees
+    "catalog_radius_deg": 0.15,
+    # colour used in each filter's colour term, and the colour at which ZP is quoted
+    "colour_index": {"g": "g-r", "r": "g-r", "i": "r-i"},
+    "colour_ref": {"g-r": 0.6, "r-i": 0.2},
+    # calibration stars: magnitude range, isolation (REFCAT2 rp1), clipping, fewest stars
+    "calibration_mag_range": [12.5, 18.0],
+    "min_isolation_arcsec": 4.0,
+    "clip_sigma": 3.0,
+    "min_calibration_stars": 8,
+    # chapter 04 flag bits that make a measurement unusable (1 saturated, 2 edge,
+    # 4 off the frame, 8 bad pixels; 16 = crowded is allowed)
+    "bad_flag_bits": 15,
+    # the aperture is chosen by the frame-to-frame scatter of stars in this range
+    "aperture_test_mag_range": [15.0, 18.0],
+    # an extinction coefficient is fitted only over at least this range of airmass
+    "min_airmass_range": 0.1,
+    # membership: smallest probability of the cluster component of the proper motions
+    "member_probability": 0.5,
+    # isochrone fit: members brighter than fit_faint_limit; grid ranges; model choices
+    "fit_faint_limit": 18.5,
+    "log_age_range": [8.0, 9.4],
+    "mh_range": [-1.0, 0.0],
+    "binary_fraction": 0.3,
+    "sigma_int": 0.02,
+    "field_fraction_start": 0.05,
+    "start_distance_modulus": 10.0,
+    "start_ebv": 0.2,
+    "mcmc_steps": 300,
+    # model choices changed one at a time for the systematic errors of the fit
+    "systematic_variants": [{"binary_fraction": 0.15}, {"binary_fraction": 0.45},
+                            {"sigma_int": 0.01}, {"sigma_int": 0.04}],
+    # ages of the isochrones drawn for the by-eye exercise
+    "eye_ages": [8.4, 8.65, 8.9],
+}
 
 # ---------------------------------------------------------------------------------------
 # 5. Resources

@@ -36,7 +36,7 @@ GAIA_COLUMNS = {
 }
 #: REFCAT2 columns kept (VizieR names, as in the sample night's refcat2.ecsv).
 REFCAT2_COLUMNS = ["RA_ICRS", "DE_ICRS", "Plx", "pmRA", "pmDE", "Gmag", "gmag", "e_gmag",
-                   "rmag", "e_rmag", "imag", "e_imag", "zmag", "e_zmag"]
+                   "rmag", "e_rmag", "imag", "e_imag", "zmag", "e_zmag", "rp1", "r1", "dupvar"]
 #: Epoch of Gaia DR3 positions (Julian year).
 GAIA_DR3_EPOCH = 2016.0
 

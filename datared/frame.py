@@ -14,8 +14,9 @@ the file, the keyword and the setting to change when the value is missing or unr
 
 from __future__ import annotations
 
+import re
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,16 +52,50 @@ class HeaderKeys:
     ra: str = "RA"
     dec: str = "DEC"
     pierside: str = "PIERSIDE"
+    #: keyword of the time of day when ``date`` holds only the date ("" = ``date`` has both)
+    time: str = ""
+    #: one keyword with both binnings, e.g. ``CCDSUM = '3 3'`` ("" = ``xbinning``/``ybinning``)
+    binning: str = ""
 
     @classmethod
-    def from_settings(cls, settings) -> HeaderKeys:
-        """The keywords named by a settings object or module (``config.filter_key`` ...)."""
+    def from_settings(cls, settings, frame_type: str | None = None) -> HeaderKeys:
+        """The keywords named by a settings object or module (``config.filter_key`` ...).
+
+        A setting that is None (``time_key``, ``binning_key``) gives "" (not used). With
+        ``frame_type`` (``"bias"``, ``"dark"``, ``"flat"``, ``"light"``) the keywords of
+        ``settings.header_overrides[frame_type]`` replace the night's (see :meth:`for_type`).
+        """
         values = {}
         for item in fields(cls):
             name = f"{item.name}_key"
             if hasattr(settings, name):
-                values[item.name] = str(getattr(settings, name))
-        return cls(**values)
+                value = getattr(settings, name)
+                values[item.name] = "" if value is None else str(value)
+        keys = cls(**values)
+        if frame_type is None:
+            return keys
+        return keys.for_type(frame_type, getattr(settings, "header_overrides", None) or {})
+
+    def for_type(self, frame_type: str, overrides: dict) -> HeaderKeys:
+        """These keywords with the overrides of one frame type.
+
+        Parameters
+        ----------
+        frame_type : ``"bias"``, ``"dark"``, ``"flat"`` or ``"light"``.
+        overrides : ``config.header_overrides``: frame type -> {setting: keyword}, e.g.
+            ``{"flat": {"filter_key": "FILTNAME"}}`` (the flats name their filter in
+            ``FILTNAME``, the other frames in ``filter_key``).
+        """
+        known = {item.name for item in fields(self)}
+        values = {}
+        for setting, keyword in (overrides.get(frame_type) or {}).items():
+            name = setting[:-4] if setting.endswith("_key") else setting
+            if name not in known:
+                raise ValueError(f"header_overrides[{frame_type!r}]: {setting!r} is not a "
+                                 "header-keyword setting; use one of "
+                                 f"{', '.join(self.setting(k) for k in sorted(known))}")
+            values[name] = "" if keyword is None else str(keyword)
+        return replace(self, **values) if values else self
 
     def setting(self, field_name: str) -> str:
         """The name of the setting that holds a keyword, for messages (``filter_key``)."""
@@ -336,34 +371,143 @@ def header_pointing(header, keys: HeaderKeys = NINA_KEYS, *,
     return ra, dec
 
 
+#: A date without a time of day (``2019-03-26``).
+_DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
+#: An ISO date and time with a UTC offset at the end (``...T21:12:45-0700``, ``+02:00``, ``Z``).
+_UTC_OFFSET = re.compile(r"(?P<stamp>.*T\d{2}:\d{2}(?::\d{2}(?:\.\d*)?)?)\s*"
+                         r"(?:(?P<zulu>Z)|(?P<sign>[+-])(?P<hours>\d{2}):?(?P<minutes>\d{2}))")
+
+
+def _start_stamp(header, keys: HeaderKeys, file) -> tuple[str, float]:
+    """The start of the exposure as an ISO stamp without offset, and the offset in hours."""
+    value = header_value(header, keys, "date", file=file)
+    text = str(value).strip()
+    if keys.time:
+        clock = str(header_value(header, keys, "time", file=file)).strip()
+        text = f"{text.split('T')[0].strip()}T{clock}"
+    elif _DATE_ONLY.fullmatch(text):
+        raise FrameError(f"{_where(file)}{keys.date} = {value!r} holds only a date, no time of "
+                         "day; set time_key in config.py to the keyword that holds the time "
+                         "(e.g. \"TIME-OBS\", or \"UT\" for MaxIm DL)")
+    offset = 0.0
+    match = _UTC_OFFSET.fullmatch(text)
+    if match:
+        text = match["stamp"]
+        if match["sign"]:
+            offset = int(match["hours"]) + int(match["minutes"]) / 60.0
+            offset = -offset if match["sign"] == "-" else offset
+    return text, offset
+
+
 def frame_time(header, keys: HeaderKeys = NINA_KEYS, *, file: str | Path | None = None,
                middle: bool = True):
     """The time of a frame as an astropy ``Time`` (UTC): the middle of the exposure by default.
 
     The date keyword holds the start of the exposure in ISO format (NINA, MaxIm DL, ...); the
-    middle adds half the exposure time. :class:`FrameError` names the file, the value and the
-    setting when the date is missing or does not parse.
+    middle adds half the exposure time. When ``keys.time`` is set (``config.time_key``) the
+    date keyword holds only the date and that keyword the time of day (``DATE-OBS =
+    '2019-03-26'``, ``TIME-OBS = '03:12:45.1'``). A stamp with a UTC offset
+    (``2019-03-26T21:12:45-0700``, ``+02:00``, ``Z``) is converted to UTC. A date without a
+    time and without ``time_key`` is an error, not midnight. :class:`FrameError` names the
+    file, the value and the setting when the date is missing or does not parse.
 
     Parameters
     ----------
     header : FITS header of the frame.
-    keys : the night's keywords (``date`` and ``exptime`` are used).
+    keys : the night's keywords (``date``, ``time`` if set, and ``exptime`` are used).
     file : the frame's file, for the message.
     middle : the middle of the exposure (True) or its start (False).
     """
     from astropy import units as u
     from astropy.time import Time
 
-    value = header_value(header, keys, "date", file=file)
+    text, offset_hours = _start_stamp(header, keys, file)
     try:
-        start = Time(str(value).strip(), format="isot", scale="utc")
+        start = Time(text, format="isot", scale="utc")
     except ValueError:
-        raise FrameError(f"{_where(file)}{keys.date} = {value!r} is not an ISO date and time "
-                         "(YYYY-MM-DDThh:mm:ss); set date_key in config.py to the keyword that "
-                         "holds the start of the exposure") from None
+        if keys.time:
+            shown = (f"{keys.date} = {header.get(keys.date)!r} and {keys.time} = "
+                     f"{header.get(keys.time)!r} do not make an ISO date and time")
+            fix = "set date_key and time_key in config.py to the keywords of the date and time"
+        else:
+            shown = f"{keys.date} = {header.get(keys.date)!r} is not an ISO date and time"
+            fix = "set date_key in config.py to the keyword that holds the start of the exposure"
+        raise FrameError(f"{_where(file)}{shown} (YYYY-MM-DDThh:mm:ss); {fix}") from None
+    if offset_hours:
+        start = start - offset_hours * u.hour
     if not middle:
         return start
     return start + 0.5 * number_value(header, keys, "exptime", file=file) * u.s
+
+
+def frame_binning(header, keys: HeaderKeys = NINA_KEYS, *,
+                  file: str | Path | None = None) -> tuple[int, int]:
+    """The binning of a frame as (x, y): from ``keys.binning`` (``CCDSUM = '3 3'``) when set,
+    else from ``keys.xbinning`` and ``keys.ybinning``.
+
+    Parameters
+    ----------
+    header : FITS header of the frame.
+    keys : the night's keywords.
+    file : the frame's file, for the message.
+    """
+    if keys.binning:
+        value = header_value(header, keys, "binning", file=file)
+        parts = str(value).replace(",", " ").replace("x", " ").split()
+        try:
+            numbers = [int(float(part)) for part in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) == 1:
+            numbers = numbers * 2
+        if len(numbers) != 2 or min(numbers) < 1:
+            raise FrameError(f"{_where(file)}{keys.binning} = {value!r} is not a binning like "
+                             "'2 2'; set binning_key in config.py (or None to use "
+                             "xbinning_key and ybinning_key)")
+        return numbers[0], numbers[1]
+    return (int(number_value(header, keys, "xbinning", file=file)),
+            int(number_value(header, keys, "ybinning", file=file)))
+
+
+def _name_form(text: str) -> str:
+    """A name for comparison: lower case, without spaces, '-' and '_'."""
+    return re.sub(r"[\s_\-]+", "", str(text)).lower()
+
+
+def target_of(header, keys: HeaderKeys, targets: dict, *,
+              file: str | Path | None = None) -> str:
+    """The target (a key of ``config.targets``) of a science frame, from its OBJECT value.
+
+    The OBJECT value matches a target's name or one of its ``aliases`` (a list in the
+    target's entry, e.g. ``"aliases": ["M 37", "NGC2099"]``), ignoring case, spaces, '-'
+    and '_' and a filter name at its end (``M37_g``, ``M37 r``). :class:`FrameError` names
+    the file, the OBJECT value and the setting when no target matches.
+
+    Parameters
+    ----------
+    header : FITS header of the frame.
+    keys : the night's keywords (``object`` and, if present, ``filter``).
+    targets : ``config.targets``: name -> entry (``filters``, optional ``aliases``).
+    file : the frame's file, for the message.
+    """
+    value = text_value(header, keys, "object", file=file)
+    names = {}
+    for name, entry in targets.items():
+        for spelling in [name, *((entry or {}).get("aliases") or [])]:
+            names.setdefault(_name_form(spelling), name)
+    wanted = _name_form(value)
+    if wanted in names:
+        return names[wanted]
+    bands = {_name_form(band) for entry in targets.values()
+             for band in (entry or {}).get("filters") or []}
+    if keys.filter and header.get(keys.filter) is not None:
+        bands.add(_name_form(header.get(keys.filter)))
+    for band in sorted(bands - {""}, key=len, reverse=True):
+        if wanted.endswith(band) and wanted[:-len(band)] in names:
+            return names[wanted[:-len(band)]]
+    raise FrameError(f"{_where(file)}{keys.object} = {value!r} matches no target of "
+                     f"config.targets ({', '.join(targets) or 'none'}); add it to the "
+                     "\"aliases\" list of its target in config.targets (or add the target)")
 
 
 def frame_epoch(header, keys: HeaderKeys = NINA_KEYS, *,
@@ -376,7 +520,10 @@ def header_meta(header, keys: HeaderKeys = NINA_KEYS) -> dict:
     """The header values worth keeping in a catalogue's metadata (those present).
 
     The metadata always uses NINA's names (``DATE-OBS``, ``EXPTIME``, ...), whatever the
-    camera software wrote, so later chapters read every night's catalogues the same way.
+    camera software wrote, so later chapters read every night's catalogues the same way;
+    ``DATE-OBS`` is the start of the exposure in UTC as :func:`frame_time` reads it (a
+    separate time keyword and a UTC offset already applied), so that ``frame_time(meta)``
+    with NINA's keywords gives the same time.
 
     Parameters
     ----------
@@ -388,6 +535,11 @@ def header_meta(header, keys: HeaderKeys = NINA_KEYS) -> dict:
         source = getattr(keys, field_name)
         if source in header:
             meta[name] = header[source]
+    if keys.date in header and (keys.time or _UTC_OFFSET.fullmatch(str(header[keys.date]).strip())):
+        try:
+            meta["DATE-OBS"] = frame_time(header, keys, middle=False).isot
+        except FrameError:
+            pass  # kept as written; frame_time says what is wrong where the time is needed
     for name in META_EXTRA:
         if name in header:
             meta[name] = header[name]

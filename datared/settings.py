@@ -6,7 +6,10 @@ rules, for the reader of ``book/adapting.md`` (section 2.2): config.py's values 
 settings file < the ``DATARED_*`` variables (``DATARED_DATA_DIR``, ``DATARED_WORK_DIR``,
 ``DATARED_CACHE_DIR``, ``DATARED_SAMPLE_SEED``), a variable that is set wins over the file. A
 table in the file (``imagetyp``, ``site``, ``frame_quality_limits``) changes only the keys it
-names; ``targets`` replaces config.py's targets whole. TOML has no None:
+names; ``targets`` replaces config.py's targets whole (a target may also give
+``aliases``, other OBJECT spellings, although config.py's targets have none);
+``header_overrides`` is checked as frame type (a key of ``imagetyp``) -> header-keyword
+setting (``filter_key`` ...) -> keyword. TOML has no None:
 ``overscan_section = ""`` (empty text) means None for the settings that allow None. Every
 value is checked against the type of config.py's value; each mistake raises
 :class:`SettingsFileError` naming the file, the key and the fix.
@@ -22,6 +25,8 @@ _ENVIRONMENT = {"data_dir": "DATARED_DATA_DIR", "work_dir": "DATARED_WORK_DIR",
                 "cache_dir": "DATARED_CACHE_DIR", "sample_seed": "DATARED_SAMPLE_SEED"}
 #: Tables keyed by names of things (not by settings): the file's table replaces them whole.
 _REPLACED_TABLES = ("targets",)
+#: Keys a target may have although no target of config.py has them, with a prototype value.
+_OPTIONAL_TARGET_KEYS = {"aliases": ["M 37"]}
 #: Names in config.py that are not settings a file may give.
 _NOT_SETTINGS = ("repo_dir", "settings_file", "settings_in_file", "settings_changed_by_file",
                  "settings_overridden_by_environment")
@@ -171,6 +176,8 @@ def _replaced_targets(file: Path, value, default: dict) -> dict:
         for key, item in entry.items():
             fields.setdefault(key, item)
     required = [key for key in fields if all(key in entry for entry in default.values())]
+    for key, item in _OPTIONAL_TARGET_KEYS.items():
+        fields.setdefault(key, item)
     targets = {}
     for name, entry in value.items():
         table = f'targets."{name}"' if not name.replace("-", "").replace("_", "").isalnum() \
@@ -191,6 +198,33 @@ def _replaced_targets(file: Path, value, default: dict) -> dict:
         targets[name] = {key: _converted(file, f"{table}.{key}", item, fields.get(key, _ANY))
                          for key, item in entry.items()}
     return targets
+
+
+def _header_overrides(file: Path, value, frame_types, key_settings) -> dict:
+    """The file's ``header_overrides``: frame type -> {header-keyword setting: keyword}."""
+    example = '[header_overrides.flat] with filter_key = "FILTNAME" below it'
+    if not isinstance(value, dict):
+        raise SettingsFileError(f"settings file {file}: header_overrides must be a table, not "
+                                f"{_describe(value)}: write {example}.")
+    overrides = {}
+    for kind, table in value.items():
+        if kind not in frame_types:
+            raise _unknown_key(file, kind, frame_types, table="header_overrides")
+        if not isinstance(table, dict):
+            raise SettingsFileError(
+                f"settings file {file}: header_overrides.{kind} must be a table of keyword "
+                f"settings, not {_describe(table)}: write {example}.")
+        for setting, keyword in table.items():
+            if setting not in key_settings:
+                raise _unknown_key(file, setting, key_settings,
+                                   table=f"header_overrides.{kind}")
+            if not isinstance(keyword, str):
+                raise SettingsFileError(
+                    f"settings file {file}: header_overrides.{kind}.{setting} must be a "
+                    f'keyword as text in double quotes, like "FILTNAME", not '
+                    f"{_describe(keyword)}. Correct it in the file.")
+        overrides[kind] = dict(table)
+    return overrides
 
 
 def apply_settings_file(settings: dict, name: str, *, sample_night_name) -> None:
@@ -240,6 +274,10 @@ def apply_settings_file(settings: dict, name: str, *, sample_night_name) -> None
             raise _unknown_key(file, key, known, value=value)
         if key in _REPLACED_TABLES:
             values[key] = _replaced_targets(file, value, before[key])
+        elif key == "header_overrides":
+            values[key] = _header_overrides(
+                file, value, list(before.get("imagetyp", {})),
+                [name for name in known if name.endswith("_key")])
         elif isinstance(before[key], dict):
             values[key] = _merged_table(file, key, value, before[key])
         else:

@@ -807,6 +807,8 @@ def _generate(root: Path, preset: Preset, seed: int, max_per_group: int | None,
         "planet": {**sky.PLANET, "t0_bjd_tdb": t0_bjd},
         "variable": {**sky.VARIABLE, "t_ref_bjd_tdb": t_var_ref},
         "gaia_g_coeffs": sky.GAIA_G_COEFFS,
+        "refcat2": sky.REFCAT2_MODEL,
+        "gaia": sky.GAIA_MODEL,
         "catalog_radius_deg": cat_radius,
         "epoch_of_positions": 2024.12,
         "zeropoint_convention": (
@@ -838,53 +840,186 @@ def _write_catalogs(folder: Path, stars: Table, rng: np.random.Generator) -> Non
         d_dec = (pmdec * dt + rng.normal(0, 1, ra.size) * sigma_mas) / 3.6e6
         return ra + d_ra, dec + d_dec
 
-    # Gaia DR3 (epoch 2016.0), G < 20.8.
+    # Gaia DR3 (epoch 2016.0): completeness falling near G = 20.6, 2-parameter solutions,
+    # duplicated sources and random source ids (nothing in the catalogue points at the truth).
+    gm = sky.GAIA_MODEL
     sig = 0.02 + 0.5 * 10 ** (0.4 * (G - 20.0))
-    sel = G < 20.8
+    p_seen = 1.0 / (1.0 + np.exp((G - gm["completeness_g50"]) / gm["completeness_width"]))
+    sel = rng.random(ra.size) < p_seen
     gra, gdec = at_epoch(2016.0, sig)
-    gaia = Table()
-    gaia["source_id"] = (3_100_000_000_000_000_000 + np.asarray(stars["id"]) * 4097)[sel]
-    gaia["ra"] = np.round(gra[sel], 9)
-    gaia["ra_error"] = np.round(sig[sel], 4)
-    gaia["dec"] = np.round(gdec[sel], 9)
-    gaia["dec_error"] = np.round(sig[sel], 4)
-    gaia["parallax"] = np.round(plx[sel] + rng.normal(0, 1, ra.size)[sel] * 1.2 * sig[sel], 4)
-    gaia["parallax_error"] = np.round(1.2 * sig[sel], 4)
-    gaia["pmra"] = np.round(pmra[sel] + rng.normal(0, 1, ra.size)[sel] * 1.1 * sig[sel], 4)
-    gaia["pmra_error"] = np.round(1.1 * sig[sel], 4)
-    gaia["pmdec"] = np.round(pmdec[sel] + rng.normal(0, 1, ra.size)[sel] * 1.1 * sig[sel], 4)
-    gaia["pmdec_error"] = np.round(1.1 * sig[sel], 4)
-    gaia["ref_epoch"] = np.full(sel.sum(), 2016.0)
     eg = 0.0003 + 0.01 * 10 ** (0.4 * (G - 20.0))
-    gaia["phot_g_mean_mag"] = np.round(G[sel] + rng.normal(0, 1, ra.size)[sel] * eg[sel], 5)
+    frac_2p = gm["two_param_fraction_bright"] + (
+        gm["two_param_fraction_faint"] - gm["two_param_fraction_bright"]) * np.clip(
+        (G - 17.0) / 4.0, 0.0, 1.0)
+    two_param = rng.random(ra.size) < frac_2p
+    noise = rng.normal(0, 1, (4, ra.size))
+    cols = {
+        "ra": gra, "ra_error": sig, "dec": gdec, "dec_error": sig,
+        "parallax": np.where(two_param, np.nan, plx + noise[0] * 1.2 * sig),
+        "parallax_error": np.where(two_param, np.nan, 1.2 * sig),
+        "pmra": np.where(two_param, np.nan, pmra + noise[1] * 1.1 * sig),
+        "pmra_error": np.where(two_param, np.nan, 1.1 * sig),
+        "pmdec": np.where(two_param, np.nan, pmdec + noise[2] * 1.1 * sig),
+        "pmdec_error": np.where(two_param, np.nan, 1.1 * sig),
+        "phot_g_mean_mag": G + noise[3] * eg,
+    }
+    rows = np.flatnonzero(sel)
+    dup = rows[rng.random(rows.size) < gm["duplicate_fraction"]]
+    rows = np.concatenate([rows, dup])
+    gaia = Table()
+    gaia["source_id"] = rng.choice(np.arange(10**6, 10**7), size=rows.size, replace=False) * (
+        10**12) + rng.integers(0, 10**12, rows.size)
+    for name, values in cols.items():
+        column = values[rows].copy()
+        if name in ("ra", "dec") and dup.size:
+            step = gm["duplicate_sep_mas"] / 3.6e6 * rng.normal(0, 1, dup.size)
+            if name == "ra":
+                step = step / cosd[dup]
+            column[-dup.size:] += step
+        gaia[name] = np.round(column, 9 if name in ("ra", "dec") else 5 if name.startswith(
+            "phot") else 4)
+    gaia["ref_epoch"] = np.full(rows.size, 2016.0)
+    order = ["source_id", "ra", "ra_error", "dec", "dec_error", "parallax", "parallax_error",
+             "pmra", "pmra_error", "pmdec", "pmdec_error", "ref_epoch", "phot_g_mean_mag"]
+    gaia = gaia[order]
     for name, unit in (("ra", "deg"), ("dec", "deg"), ("ra_error", "mas"), ("dec_error", "mas"),
                        ("parallax", "mas"), ("parallax_error", "mas"), ("pmra", "mas / yr"),
                        ("pmra_error", "mas / yr"), ("pmdec", "mas / yr"),
                        ("pmdec_error", "mas / yr"), ("ref_epoch", "yr"),
                        ("phot_g_mean_mag", "mag")):
         gaia[name].unit = unit
+    gaia.sort("phot_g_mean_mag")
     gaia.meta = {"description": "Simulated Gaia DR3 gaia_source subset (sample night)"}
     gaia.write(folder / "gaia.ecsv", format="ascii.ecsv", overwrite=True)
+    _write_refcat2(folder, stars, rng, G)
 
-    # ATLAS-REFCAT2 (positions at epoch 2015.5), complete to r ~ 19.
-    sel = (r < 19.0) & (g < 20.5)
-    rra, rdec = at_epoch(2015.5, 2.0)
+
+def _ps1_from_sdss(g: np.ndarray, r: np.ndarray, i: np.ndarray, rng: np.random.Generator,
+                   ra: np.ndarray, dec: np.ndarray) -> dict[str, np.ndarray]:
+    """Pan-STARRS1-like g, r, i of stars with true SDSS g, r, i (see ``sky.REFCAT2_MODEL``)."""
+    model = sky.REFCAT2_MODEL
+    locus = (r - i) - (0.38 * (g - r) - 0.05)
+    extra = {b: model["locus_term"][b] * np.clip(locus, -0.5, 0.5)
+             + rng.normal(0, model["scatter_mag"][b], g.size) for b in "gri"}
+    x = g - r
+    for _ in range(6):  # the relation is written in the PS1 colour: iterate
+        ps1 = {b: m - np.polyval(model["sdss_minus_ps1"][b][::-1], x) - extra[b]
+               for b, m in (("g", g), ("r", r), ("i", i))}
+        x = ps1["g"] - ps1["r"]
+    period = model["spatial_period_arcmin"] / 60.0
+    pattern = 1e-3 * model["spatial_mmag"] * np.sin(2 * np.pi * ra * np.cos(np.radians(dec))
+                                                     / period) * np.cos(2 * np.pi * dec / period)
+    return {b: ps1[b] + pattern for b in "gri"}
+
+
+def _write_refcat2(folder: Path, stars: Table, rng: np.random.Generator, G: np.ndarray) -> None:
+    """refcat2.ecsv: ATLAS-REFCAT2 columns on a Pan-STARRS1-like system, see REFCAT2_MODEL."""
+    model = sky.REFCAT2_MODEL
+    g, r, i = (np.asarray(stars[b], dtype=float) for b in ("g", "r", "i"))
+    ra, dec = np.asarray(stars["ra"], dtype=float), np.asarray(stars["dec"], dtype=float)
+    pmra, pmdec = np.asarray(stars["pmra"], dtype=float), np.asarray(stars["pmdec"], dtype=float)
+    plx = np.asarray(stars["parallax"], dtype=float)
+    ps1 = _ps1_from_sdss(g, r, i, rng, ra, dec)
+    fields = np.asarray(stars["field"]).astype(str)
+    parts = [_refcat2_field(np.flatnonzero(fields == name), ra, dec, pmra, pmdec, plx, G, ps1,
+                            np.asarray(stars["variable"], bool), rng, model)
+             for name in np.unique(fields)]
+    cols = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
     ref = Table()
-    ref["RA_ICRS"] = np.round(rra[sel], 8)
-    ref["DE_ICRS"] = np.round(rdec[sel], 8)
-    ref["Plx"] = np.round(plx[sel] + rng.normal(0, 0.1, sel.sum()), 3)
-    ref["pmRA"] = np.round(pmra[sel] + rng.normal(0, 0.2, sel.sum()), 3)
-    ref["pmDE"] = np.round(pmdec[sel] + rng.normal(0, 0.2, sel.sum()), 3)
-    ref["Gmag"] = np.round(G[sel] + rng.normal(0, 0.003, sel.sum()), 3)
-    for band, true in (("g", g), ("r", r), ("i", i)):
-        err = np.sqrt(0.008**2 + (0.03 * 10 ** (0.4 * (true - 19.0))) ** 2)
-        ref[f"{band}mag"] = np.round(true[sel] + rng.normal(0, 1, sel.sum()) * err[sel], 3)
-        ref[f"e_{band}mag"] = np.round(err[sel], 3)
+    for name in ("RA_ICRS", "DE_ICRS", "Plx", "pmRA", "pmDE", "Gmag", "gmag", "e_gmag",
+                 "rmag", "e_rmag", "imag", "e_imag", "rp1", "r1", "dupvar"):
+        digits = {"RA_ICRS": 8, "DE_ICRS": 8, "rp1": 1, "r1": 1}.get(name, 3)
+        ref[name] = cols[name] if name == "dupvar" else np.round(cols[name], digits)
     for name in ref.colnames:
         ref[name].unit = {"RA_ICRS": "deg", "DE_ICRS": "deg", "Plx": "mas", "pmRA": "mas / yr",
-                          "pmDE": "mas / yr"}.get(name, "mag")
-    ref.meta = {"description": "Simulated ATLAS-REFCAT2 (J/ApJ/867/105) subset (sample night)"}
+                          "pmDE": "mas / yr", "rp1": "arcsec", "r1": "arcsec",
+                          "dupvar": None}.get(name, "mag")
+    ref.sort("rmag")
+    ref.meta = {"description": "Simulated ATLAS-REFCAT2 (J/ApJ/867/105) subset (sample night), "
+                               "on a Pan-STARRS1-like system; see truth/params.json refcat2"}
     ref.write(folder / "refcat2.ecsv", format="ascii.ecsv", overwrite=True)
+
+
+def _refcat2_field(rows: np.ndarray, ra, dec, pmra, pmdec, plx, G, ps1, variable,
+                   rng: np.random.Generator, model: dict) -> dict[str, np.ndarray]:
+    """REFCAT2 columns of the stars ``rows`` of one field (blends, neighbours, spurious)."""
+    from scipy.spatial import cKDTree
+
+    ra, dec, pmra, pmdec, plx, G, variable = (np.asarray(v)[rows] for v in (
+        ra, dec, pmra, pmdec, plx, G, variable))
+    ps1 = {b: np.asarray(v)[rows] for b, v in ps1.items()}
+    ra0, dec0 = float(np.median(ra)), float(np.median(dec))
+    xi, eta = sky.radec_to_tangent(ra0, dec0, ra, dec)
+    xy = np.column_stack([xi, eta]) * 3600.0  # arcsec
+    tree = cKDTree(xy)
+    # Blends: stars closer than blend_arcsec become one entry (summed flux, flux-weighted
+    # position) carried by the brighter star.
+    flux = {b: 10 ** (-0.4 * ps1[b]) for b in "gri"}
+    keep = np.ones(ra.size, bool)
+    pos = xy.copy()
+    for a, b in sorted(tree.query_pairs(model["blend_arcsec"])):
+        first, second = (a, b) if flux["r"][a] >= flux["r"][b] else (b, a)
+        if not (keep[first] and keep[second]):
+            continue
+        w1, w2 = flux["r"][first], flux["r"][second]
+        pos[first] = (w1 * pos[first] + w2 * pos[second]) / (w1 + w2)
+        for band in "gri":
+            flux[band][first] += flux[band][second]
+        keep[second] = False
+    mags = {b: -2.5 * np.log10(flux[b]) for b in "gri"}
+    sel = keep & (mags["r"] < model["r_limit"]) & (mags["g"] < 20.5)
+    # missing entries: faint stars only (the bright ones are in several of REFCAT2's surveys)
+    sel &= (rng.random(ra.size) >= model["missing_fraction"]) | (mags["r"] < 16.0)
+    # Neighbour radii: where the G flux of the other stars exceeds 0.1x and 1x the star's.
+    g_flux = 10 ** (-0.4 * G)
+    rp1 = np.full(ra.size, 36.0)
+    r1 = np.full(ra.size, 36.0)
+    for k in np.flatnonzero(sel):
+        near = [j for j in tree.query_ball_point(xy[k], 36.0) if j != k]
+        if not near:
+            continue
+        dist = np.hypot(*(xy[near] - xy[k]).T)
+        order = np.argsort(dist)
+        total = np.cumsum(g_flux[near][order])
+        for out, level in ((rp1, 0.1), (r1, 1.0)):
+            above = np.flatnonzero(total > level * g_flux[k])
+            if above.size:
+                out[k] = dist[order][above[0]]
+    ra_b, dec_b = sky.tangent_to_radec(ra0, dec0, pos[:, 0] / 3600.0, pos[:, 1] / 3600.0)
+    cosd = np.cos(np.radians(dec_b))
+    dt = 2015.5 - 2024.12
+    rra = ra_b + (pmra * dt + rng.normal(0, 2.0, ra.size)) / 3.6e6 / cosd
+    rdec = dec_b + (pmdec * dt + rng.normal(0, 2.0, ra.size)) / 3.6e6
+    dupvar = np.where(variable, 1, np.where(G > 19.0, 2, 0))
+    n = int(sel.sum())
+    cols = {
+        "RA_ICRS": rra[sel], "DE_ICRS": rdec[sel],
+        "Plx": plx[sel] + rng.normal(0, 0.1, n), "pmRA": pmra[sel] + rng.normal(0, 0.2, n),
+        "pmDE": pmdec[sel] + rng.normal(0, 0.2, n),
+        "Gmag": G[sel] + rng.normal(0, 0.003, n),
+    }
+    for band in "gri":
+        err = np.sqrt(0.008**2 + (0.03 * 10 ** (0.4 * (mags[band] - 19.0))) ** 2)
+        cols[f"{band}mag"] = mags[band][sel] + rng.normal(0, 1, n) * err[sel]
+        cols[f"e_{band}mag"] = err[sel]
+    cols.update(rp1=rp1[sel], r1=r1[sel], dupvar=dupvar[sel])
+    # Spurious entries (artefacts of the surveys), at random places in the field's circle.
+    radius = float(np.max(np.hypot(xy[:, 0], xy[:, 1])))
+    n_fake = rng.poisson(model["spurious_per_deg2"] * np.pi * (radius / 3600.0) ** 2)
+    rad = radius * np.sqrt(rng.random(n_fake))
+    phi = rng.uniform(0, 2 * np.pi, n_fake)
+    fake_ra, fake_dec = sky.tangent_to_radec(ra0, dec0, rad * np.cos(phi) / 3600.0,
+                                             rad * np.sin(phi) / 3600.0)
+    fr = rng.uniform(16.5, 19.0, n_fake)
+    nan = np.full(n_fake, np.nan)
+    fake = {"RA_ICRS": fake_ra, "DE_ICRS": fake_dec, "Plx": nan, "pmRA": nan, "pmDE": nan,
+            "Gmag": nan, "gmag": fr + rng.uniform(0.0, 1.5, n_fake), "rmag": fr,
+            "imag": fr - rng.uniform(0.0, 0.8, n_fake), "rp1": np.full(n_fake, 36.0),
+            "r1": np.full(n_fake, 36.0), "dupvar": np.full(n_fake, 2)}
+    for band in "gri":
+        fake[f"e_{band}mag"] = np.sqrt(0.008**2 + (0.03 * 10 ** (
+            0.4 * (fake[f"{band}mag"] - 19.0))) ** 2)
+    return {k: np.concatenate([v, fake[k]]) for k, v in cols.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -914,6 +1049,15 @@ TRANSIT_ANALYSIS = {
     "limb_darkening_sigma": 0.10,
     "limb_darkening_source": "approximate quadratic coefficients for SDSS r', Teff 5450 K, "
                              "log g 4.5, after the tables of Claret (2004, A&A 428, 1001)",
+}
+
+#: The literature values of the cluster that chapter 05 compares with and starts from: the
+#: same as config.py's M37 entry (compared by tests/test_settings_file.py).
+CLUSTER_ANALYSIS = {
+    "literature": {"log_age": 8.74, "mh": 0.045, "ebv": 0.227, "distance_modulus": 10.81},
+    "literature_source": "age 550 Myr, [M/H] and E(B-V): Hartman et al. 2008, ApJ 675, "
+                         "1233; distance 1450 pc from the Gaia DR2 parallax of Cantat-"
+                         "Gaudin et al. 2018, A&A 618, A93",
 }
 
 
@@ -968,7 +1112,8 @@ def night_settings(preset: str, seed: int, t0_bjd_tdb: float | None) -> dict:
         "filters": list(FILTERS),
         "site": dict(SITE),
         "targets": {"M37": {"kind": "cluster", "ra_deg": sky.CLUSTER["ra_deg"],
-                            "dec_deg": sky.CLUSTER["dec_deg"], "filters": list(FILTERS)},
+                            "dec_deg": sky.CLUSTER["dec_deg"], "filters": list(FILTERS),
+                            **CLUSTER_ANALYSIS},
                     "WASP-104": transit},
         "reference_catalog": "sample",
     }

@@ -90,6 +90,43 @@ VARIABLE = {
     "amplitude_scale": {"g": 1.3, "r": 1.0, "i": 0.8},
 }
 
+#: How the simulated ATLAS-REFCAT2 differs from the true SDSS magnitudes. REFCAT2 is on a
+#: Pan-STARRS1-like system: SDSS - PS1 = a0 + a1 x + a2 x^2 with x = (g - r)_PS1 (the
+#: quadratic fits of Tonry et al. 2012, ApJ 750, 99, Table 6), plus what the published fit
+#: does not describe: a term in the star's offset from the stellar locus in r - i
+#: (``locus_term`` x [(r - i) - (0.38 (g - r) - 0.05)]), a per-star scatter, a smooth
+#: pattern across the sky of a few mmag (amplitude ``spatial_mmag``, period
+#: ``spatial_period_arcmin``), blends of stars closer than ``blend_arcsec`` (one entry, summed
+#: flux), missing stars (``missing_fraction`` of those fainter than r = 16) and spurious
+#: entries (``spurious_per_deg2``).
+REFCAT2_MODEL = {
+    "system": "Pan-STARRS1-like (SDSS - PS1 after Tonry et al. 2012, Table 6, plus extra terms)",
+    "sdss_minus_ps1": {"g": [0.013, 0.145, 0.019], "r": [-0.001, 0.004, 0.007],
+                       "i": [-0.005, 0.011, 0.010]},
+    "locus_term": {"g": 0.02, "r": -0.01, "i": 0.015},
+    "scatter_mag": {"g": 0.006, "r": 0.003, "i": 0.003},
+    "spatial_mmag": 4.0,
+    "spatial_period_arcmin": 9.0,
+    "blend_arcsec": 1.2,
+    "missing_fraction": 0.02,
+    "spurious_per_deg2": 300.0,
+    "r_limit": 19.0,
+}
+
+#: How the simulated Gaia DR3 differs from the truth: magnitude-dependent completeness (50 %
+#: at ``completeness_g50``, width ``completeness_width`` mag), 2-parameter solutions (no
+#: parallax or proper motion) for a fraction rising from ``two_param_fraction_bright`` to
+#: ``two_param_fraction_faint`` towards G = 21, duplicated sources (``duplicate_fraction``,
+#: a second entry within ``duplicate_sep_mas``), random ``source_id`` values.
+GAIA_MODEL = {
+    "completeness_g50": 20.6,
+    "completeness_width": 0.25,
+    "two_param_fraction_bright": 0.01,
+    "two_param_fraction_faint": 0.4,
+    "duplicate_fraction": 0.003,
+    "duplicate_sep_mas": 150.0,
+}
+
 #: Field star surface densities to r = 21.5 (stars per square degree) and the slope of the
 #: differential counts (dex per magnitude).
 FIELD = {
