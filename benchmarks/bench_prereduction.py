@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import platform
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from benchmarks._common import in_fresh_process, night_frames, peak_rss_bytes
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_NIGHT = Path(tempfile.gettempdir()) / "datared-bench-full"
@@ -54,29 +54,6 @@ def _quiet_wcs_warnings() -> None:
     warnings.simplefilter("ignore", FITSFixedWarning)
 
 
-def _peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _in_fresh_process(function, *args) -> dict:
-    """Run ``function(*args)`` in a new Python process; its result plus the peak memory."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(function, *args).result()
-
-
-def _frames(night: Path, kind: str, band: str | None = None) -> list[Path]:
-    import config
-    from datared import reduction as red
-    from datared.io import night_collection
-
-    collection = night_collection(night, ignored_subdirs=config.ignored_data_subdirs)
-    extra = {config.filter_key: band} if band else {}
-    return red.frames_of_type(collection, config.imagetyp_key, config.imagetyp[kind], **extra)
-
-
 def _masters(night: Path, work: Path, budget: float) -> dict:
     """Master bias and darks written to ``work`` (done once, not timed)."""
     import config
@@ -84,10 +61,10 @@ def _masters(night: Path, work: Path, budget: float) -> dict:
     from datared.frame import HeaderKeys
 
     keys = HeaderKeys.from_settings(config)
-    bias, _ = red.build_master_bias(_frames(night, "bias"), scratch_dir=work / "scratch",
+    bias, _ = red.build_master_bias(night_frames(night, "bias"), scratch_dir=work / "scratch",
                                     memory_budget=budget)
     red.write_master(bias, work / "masterbias.fits")
-    darks, _ = red.build_master_darks(_frames(night, "dark"), bias.data,
+    darks, _ = red.build_master_darks(night_frames(night, "dark"), bias.data,
                                       scratch_dir=work / "scratch", memory_budget=budget,
                                       keys=keys)
     red.write_master_darks(darks, work, keys=keys)
@@ -115,7 +92,7 @@ def flat_datared(night: str, work: str, band: str, repeat: int, budget: float) -
     from datared.frame import HeaderKeys
 
     work_path = Path(work)
-    paths = _frames(Path(night), "flat", band) * repeat
+    paths = night_frames(Path(night), "flat", band) * repeat
     # Repeated files get distinct staged names through separate links.
     links = work_path / "flat-links"
     shutil.rmtree(links, ignore_errors=True)
@@ -126,7 +103,7 @@ def flat_datared(night: str, work: str, band: str, repeat: int, budget: float) -
         link.symlink_to(path)
         linked.append(link)
     calibration = _load_calibration(work_path)
-    baseline = _peak_rss_bytes()
+    baseline = peak_rss_bytes()
     start = time.perf_counter()
     master, _ = red.build_master_flat(linked, calibration, scratch_dir=work_path / "scratch",
                                       memory_budget=budget, saturation_adu=config.saturation_adu,
@@ -134,7 +111,7 @@ def flat_datared(night: str, work: str, band: str, repeat: int, budget: float) -
     seconds = time.perf_counter() - start
     red.write_master(master, work_path / f"masterflat_{band}_datared_x{repeat}.fits")
     shutil.rmtree(links)
-    return {"frames": len(paths), "seconds": seconds, "peak_rss": _peak_rss_bytes(),
+    return {"frames": len(paths), "seconds": seconds, "peak_rss": peak_rss_bytes(),
             "rss_before": baseline}
 
 
@@ -150,10 +127,10 @@ def flat_plain(night: str, work: str, band: str, repeat: int, budget: float) -> 
 
     _quiet_wcs_warnings()
     work_path = Path(work)
-    paths = _frames(Path(night), "flat", band) * repeat
+    paths = night_frames(Path(night), "flat", band) * repeat
     calibration = _load_calibration(work_path)
     bias = CCDData(calibration.bias, unit="adu")
-    baseline = _peak_rss_bytes()
+    baseline = peak_rss_bytes()
     start = time.perf_counter()
     processed = []
     for path in paths:
@@ -173,7 +150,7 @@ def flat_plain(night: str, work: str, band: str, repeat: int, budget: float) -> 
     del processed
     master.data = (master.data / np.median(master.data)).astype(np.float32)
     master.write(work_path / f"masterflat_{band}_plain_x{repeat}.fits", overwrite=True)
-    return {"frames": len(paths), "seconds": seconds, "peak_rss": _peak_rss_bytes(),
+    return {"frames": len(paths), "seconds": seconds, "peak_rss": peak_rss_bytes(),
             "rss_before": baseline}
 
 
@@ -184,7 +161,7 @@ def lights_datared(night: str, work: str, band: str, n_lights: int) -> dict:
     from datared.frame import HeaderKeys
 
     work_path = Path(work)
-    paths = _frames(Path(night), "light", band)[:n_lights]
+    paths = night_frames(Path(night), "light", band)[:n_lights]
     calibration = _load_calibration(work_path)
     calibration.flats[band] = red.read_master(
         work_path / f"masterflat_{band}_datared_x1.fits").data
@@ -194,7 +171,7 @@ def lights_datared(night: str, work: str, band: str, n_lights: int) -> dict:
                                       saturation_adu=config.saturation_adu)
     seconds = time.perf_counter() - start
     return {"frames": len(table), "skipped": len(log), "seconds": seconds,
-            "peak_rss": _peak_rss_bytes(), "files": [p.name for p in paths]}
+            "peak_rss": peak_rss_bytes(), "files": [p.name for p in paths]}
 
 
 def lights_plain(night: str, work: str, band: str, n_lights: int) -> dict:
@@ -208,7 +185,7 @@ def lights_plain(night: str, work: str, band: str, n_lights: int) -> dict:
 
     _quiet_wcs_warnings()
     work_path = Path(work)
-    paths = _frames(Path(night), "light", band)[:n_lights]
+    paths = night_frames(Path(night), "light", band)[:n_lights]
     calibration = _load_calibration(work_path)
     bias = CCDData(calibration.bias, unit="adu")
     # The same dark as datared: the master of the same exposure time, else the longest scaled.
@@ -229,7 +206,7 @@ def lights_plain(night: str, work: str, band: str, n_lights: int) -> dict:
         ccd = ccdproc.flat_correct(ccd, flat, norm_value=1.0)
         ccd.write(out / path.name, overwrite=True)
     seconds = time.perf_counter() - start
-    return {"frames": len(paths), "seconds": seconds, "peak_rss": _peak_rss_bytes()}
+    return {"frames": len(paths), "seconds": seconds, "peak_rss": peak_rss_bytes()}
 
 
 def compare_outputs(work: Path, names: list[str]) -> float:
@@ -276,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     night = ensure_night(args.night, args.frames)
     work = Path(tempfile.mkdtemp(prefix="datared-bench-work-"))
     try:
-        _in_fresh_process(_masters, night, work, args.budget)
+        in_fresh_process(_masters, night, work, args.budget)
         light_band = str(_light_band(night))
         results: dict = {"night": str(night), "budget_bytes": args.budget, "filter": light_band}
         flats = {}
@@ -286,13 +263,13 @@ def main(argv: list[str] | None = None) -> dict:
         if args.repeat > 1:
             runs.append(("datared", flat_datared, args.repeat))
         for label, function, repeat in runs:
-            flats[f"{label}_x{repeat}"] = _in_fresh_process(
+            flats[f"{label}_x{repeat}"] = in_fresh_process(
                 function, str(night), str(work), light_band, repeat, args.budget)
         results["flats"] = flats
         results["flat_rms_difference"] = compare_flats(work, light_band)
-        lights = {"datared": _in_fresh_process(lights_datared, str(night), str(work), light_band,
+        lights = {"datared": in_fresh_process(lights_datared, str(night), str(work), light_band,
                                                args.lights),
-                  "plain": _in_fresh_process(lights_plain, str(night), str(work), light_band,
+                  "plain": in_fresh_process(lights_plain, str(night), str(work), light_band,
                                              args.lights)}
         results["lights"] = lights
         results["light_max_relative_difference"] = compare_outputs(work,
@@ -335,7 +312,7 @@ def _light_band(night: Path) -> str:
     import config
 
     bands = Counter(str(fits.getval(p, config.filter_key)).strip()
-                    for p in _frames(night, "light"))
+                    for p in night_frames(night, "light"))
     return bands.most_common(1)[0][0]
 
 

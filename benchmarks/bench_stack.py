@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import platform
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from benchmarks._common import in_fresh_process, peak_rss_bytes
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_NIGHT = Path(tempfile.gettempdir()) / "datared-bench-stack"
@@ -45,19 +45,6 @@ def ensure_night(night: Path, max_per_group: int) -> Path:
           f"{night} ...", flush=True)
     simulate_night(night, preset="full", max_per_group=max_per_group, progress=False)
     return night
-
-
-def _peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _in_fresh_process(function, *args) -> dict:
-    """Run ``function(*args)`` in a new Python process; its result plus the peak memory."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(function, *args).result()
 
 
 def _cluster_lights(night: Path) -> list[tuple[Path, str]]:
@@ -143,7 +130,7 @@ def resample_step(night: str, work: str) -> dict:
         del prepared, frame
     return {"frames": len(lights), "frame_shape": list(frame_shape),
             "grid_shape": list(grid_shape), "prepare_s_per_frame": float(np.mean(prepare_seconds)),
-            "peak_rss": _peak_rss_bytes(), "files": files}
+            "peak_rss": peak_rss_bytes(), "files": files}
 
 
 def interp_step(night: str) -> dict:
@@ -163,7 +150,7 @@ def interp_step(night: str) -> dict:
     start = time.perf_counter()
     mine = st.resample_frame(sub, frame.wcs, grid_wcs, grid_shape)
     resample_seconds = time.perf_counter() - start
-    resample_peak = _peak_rss_bytes()
+    resample_peak = peak_rss_bytes()
     start = time.perf_counter()
     library, _ = reproject_interp((sub, frame.wcs), grid_wcs, shape_out=grid_shape,
                                   order="bilinear")
@@ -171,7 +158,7 @@ def interp_step(night: str) -> dict:
     library *= st.pixel_area_ratio(frame.wcs, grid_wcs, grid_shape)
     both = np.isfinite(mine) & np.isfinite(library)
     return {"resample_s": resample_seconds, "resample_peak_rss": resample_peak,
-            "reproject_interp_s": library_seconds, "reproject_interp_peak_rss": _peak_rss_bytes(),
+            "reproject_interp_s": library_seconds, "reproject_interp_peak_rss": peak_rss_bytes(),
             "max_difference_adu": float(np.max(np.abs(mine[both] - library[both])))}
 
 
@@ -184,14 +171,14 @@ def combine_step(files: list[str], shape: list[int], repeat: int, budget: float)
 
     paths = [Path(p) for p in files] * repeat
     n = len(paths)
-    baseline = _peak_rss_bytes()
+    baseline = peak_rss_bytes()
     start = time.perf_counter()
     result, n_strips = st.combine_in_strips(
         paths, shape=tuple(shape), memory_budget=budget, scales=np.ones(n),
         noise=np.full(n, 10.0), weights=np.ones(n), gain_e_per_adu=config.gain_e_per_adu)
     seconds = time.perf_counter() - start
     return {"frames": n, "strips": n_strips, "seconds": seconds,
-            "coverage_max": int(result.coverage.max()), "peak_rss": _peak_rss_bytes(),
+            "coverage_max": int(result.coverage.max()), "peak_rss": peak_rss_bytes(),
             "rss_before": baseline}
 
 
@@ -212,11 +199,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     night = ensure_night(args.night.resolve(), args.max_per_group)
     work = Path(tempfile.mkdtemp(prefix="datared-bench-stack-work-"))
     try:
-        resampled = _in_fresh_process(resample_step, str(night), str(work))
-        interp = _in_fresh_process(interp_step, str(night))
+        resampled = in_fresh_process(resample_step, str(night), str(work))
+        interp = in_fresh_process(interp_step, str(night))
         band = sorted(resampled["files"])[0]
         files = resampled["files"][band]
-        combines = [_in_fresh_process(combine_step, files, resampled["grid_shape"], repeat,
+        combines = [in_fresh_process(combine_step, files, resampled["grid_shape"], repeat,
                                       args.budget) for repeat in (1, args.repeat)]
     finally:
         shutil.rmtree(work, ignore_errors=True)

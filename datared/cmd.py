@@ -21,7 +21,6 @@ work for every frame and star and are unit-tested in ``tests/test_cmd.py``.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -618,9 +617,10 @@ def sample_distance_reddening(model: IsochroneModel, points, start: Sequence[flo
     sampler = emcee.EnsembleSampler(n_walkers, 3, log_prob)
     sampler.random_state = np.random.RandomState(seed).get_state()
     sampler.run_mcmc(p0, n_steps, progress=False)
-    with warnings.catch_warnings():
-        # a short chain makes emcee warn; the caller prints the ratio chain / tau itself
-        warnings.simplefilter("ignore")
-        tau = sampler.get_autocorr_time(discard=n_steps // 3, quiet=True)
+    try:
+        tau = sampler.get_autocorr_time(discard=n_steps // 3)
+    except emcee.autocorr.AutocorrError as err:
+        # a chain shorter than 50 tau: the caller prints the ratio chain / tau itself
+        tau = err.tau
     chain = sampler.get_chain(discard=n_steps // 3, flat=True)
     return chain, np.asarray(tau, float)

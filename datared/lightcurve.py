@@ -24,17 +24,28 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from astropy.stats import mad_std
 from astropy.table import Table
 
-from datared.errors import FrameError
+from datared.errors import DataredError, FrameError
+from datared.photometry import FLAG_BITS
 
 #: Decorrelation terms the baseline may use, and the per-frame arrays they come from.
 BASELINE_TERMS = ("airmass", "fwhm", "sky", "x", "y")
+
+
+class FitError(DataredError, ValueError):
+    """A transit fit or a chain cannot start (the message names the problem and the fix)."""
+
+
+class FitWarning(UserWarning):
+    """A transit fit or a chain that should not be trusted as it is (the message says why)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,28 +123,39 @@ class Series:
     def __len__(self) -> int:
         return len(self.files)
 
-    def select(self, keep: np.ndarray) -> Series:
-        """The same series with only the frames where ``keep`` is True."""
-        keep = np.asarray(keep, dtype=bool)
-        index = np.flatnonzero(keep)
-        return Series(files=[self.files[i] for i in index], paths=[self.paths[i] for i in index],
-                      meta=[self.meta[i] for i in index], tags=list(self.tags),
-                      flux={k: v[keep] for k, v in self.flux.items()},
-                      flux_err={k: v[keep] for k, v in self.flux_err.items()},
-                      peak={k: v[keep] for k, v in self.peak.items()},
-                      flags={k: v[keep] for k, v in self.flags.items()},
-                      x=self.x[keep], y=self.y[keep], sky=self.sky[keep],
-                      airmass=self.airmass[keep], fwhm=self.fwhm[keep],
-                      scint=self.scint[keep], pierside=self.pierside[keep],
-                      exptime=self.exptime[keep], ids=self.ids)
+
+#: Columns every per-frame catalogue must have besides the per-radius ones.
+CATALOG_COLUMNS = ("id", "x", "y", "sky")
+
+
+def check_catalog(table: Table, path: str | Path, tags: Sequence[str], *,
+                  ids: np.ndarray) -> None:
+    """Raise :class:`FrameError` if one per-frame catalogue cannot join the series.
+
+    The message names the catalogue and the fix: its rows must be those of the reference
+    catalogue (``ids``) in the same order, and it needs the columns ``sum``, ``sum_err``,
+    ``max`` and ``flags`` of every radius tag. The chapter calls it for each catalogue in
+    its loop, so one bad catalogue is skipped instead of stopping :func:`load_series`.
+    """
+    ids = np.asarray(ids)
+    name = Path(path).name
+    missing = [column for column in CATALOG_COLUMNS if column not in table.colnames]
+    missing += [f"{kind}_{tag}" for tag in tags for kind in ("sum", "sum_err", "max", "flags")
+                if f"{kind}_{tag}" not in table.colnames]
+    if missing:
+        raise FrameError(f"{name}: no column {missing[0]}; rerun "
+                         "notebooks/04-photometry.ipynb (with this aperture radius)")
+    if len(table) != len(ids) or not np.array_equal(np.asarray(table["id"]), ids):
+        raise FrameError(f"{name}: its rows are not those of the reference "
+                         "catalogue; rerun notebooks/04-photometry.ipynb")
 
 
 def load_series(tables: Sequence[Table], paths: Sequence[str | Path], tags: Sequence[str],
                 *, ids: np.ndarray) -> Series:
     """Stack chapter 04's per-frame catalogues of one target into arrays (frames x stars).
 
-    Raises :class:`FrameError` naming the catalogue whose rows are not in the order of the
-    reference catalogue (``ids``), or that lacks a column.
+    Raises :class:`FrameError` naming the first catalogue that :func:`check_catalog`
+    rejects; check each one in the reading loop first to skip bad ones.
 
     Parameters
     ----------
@@ -144,15 +166,7 @@ def load_series(tables: Sequence[Table], paths: Sequence[str | Path], tags: Sequ
     """
     ids = np.asarray(ids)
     for table, path in zip(tables, paths, strict=True):
-        if len(table) != len(ids) or not np.array_equal(np.asarray(table["id"]), ids):
-            raise FrameError(f"{Path(path).name}: its rows are not those of the reference "
-                             "catalogue; rerun notebooks/04-photometry.ipynb")
-        missing = [f"{kind}_{tag}" for tag in tags for kind in ("sum", "sum_err", "max",
-                                                                 "flags")
-                   if f"{kind}_{tag}" not in table.colnames]
-        if missing:
-            raise FrameError(f"{Path(path).name}: no column {missing[0]}; rerun "
-                             "notebooks/04-photometry.ipynb with this aperture radius")
+        check_catalog(table, path, tags, ids=ids)
 
     def stack(name, dtype=float):
         return np.array([np.asarray(t[name], dtype=dtype) for t in tables])
@@ -189,14 +203,15 @@ def segments_of(pierside: Sequence[str]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 def comparison_candidates(series: Series, tag: str, *, target_index: int,
-                          saturation_adu: np.ndarray | float, colour: np.ndarray | None = None,
+                          colour: np.ndarray | None = None,
                           max_colour_difference: float = 0.5,
                           brightness_range: tuple[float, float] = (0.1, 10.0),
                           max_flagged_fraction: float = 0.02) -> list[str]:
     """Why each star cannot be a comparison star ("" for the candidates).
 
     A candidate is not the target, is measured on every frame (finite, positive flux), is
-    never saturated (its highest pixel stays below ``saturation_adu``), is clean (flags 0)
+    never saturated (chapter 04's ``saturated`` flag bit, set where a pixel of the aperture
+    reached the saturation level of that pixel, is never set), is clean (flags 0)
     on all but ``max_flagged_fraction`` of the frames, has a median flux within
     ``brightness_range`` times the target's, and a colour within ``max_colour_difference``
     mag of the target's where both are known (``colour``, NaN where unknown).
@@ -206,14 +221,11 @@ def comparison_candidates(series: Series, tag: str, *, target_index: int,
     series : the target's catalogues (:func:`load_series`).
     tag : aperture radius tag.
     target_index : row of the target in the catalogues.
-    saturation_adu : saturation level of the calibrated frames (ADU, scalar or per frame).
     colour : colour index per star (e.g. g - r, mag), NaN where unknown; None: not used.
     """
     flux = series.flux[tag]
-    peak = series.peak[tag]
     flags = series.flags[tag]
-    level = np.broadcast_to(np.asarray(saturation_adu, dtype=float).reshape(-1, 1)
-                            if np.ndim(saturation_adu) else saturation_adu, flux.shape)
+    saturated = (flags & FLAG_BITS["saturated"]) != 0
     target_flux = np.nanmedian(flux[:, target_index])
     reasons = []
     for star in range(flux.shape[1]):
@@ -222,8 +234,8 @@ def comparison_candidates(series: Series, tag: str, *, target_index: int,
             reasons.append("the target")
         elif not np.all(np.isfinite(f) & (f > 0)):
             reasons.append(f"not measured on {np.sum(~(np.isfinite(f) & (f > 0)))} frame(s)")
-        elif np.any(peak[:, star] >= level[:, star]):
-            reasons.append(f"saturated on {np.sum(peak[:, star] >= level[:, star])} frame(s)")
+        elif np.any(saturated[:, star]):
+            reasons.append(f"saturated on {np.sum(saturated[:, star])} frame(s)")
         elif np.mean(flags[:, star] != 0) > max_flagged_fraction:
             reasons.append(f"flagged on {np.sum(flags[:, star] != 0)} frame(s)")
         elif not (brightness_range[0] <= np.median(f) / target_flux <= brightness_range[1]):
@@ -250,10 +262,13 @@ def normalise_by_segment(values: np.ndarray, segments: np.ndarray,
     return out
 
 
-def robust_std(values: np.ndarray, axis=None) -> np.ndarray:
-    """Standard deviation from the median absolute deviation (1.4826 MAD), NaN ignored."""
-    med = np.nanmedian(values, axis=axis, keepdims=True)
-    return 1.4826 * np.nanmedian(np.abs(values - med), axis=axis)
+def within_clip(values: np.ndarray, axis: int = 0, clip: float = 4.0) -> np.ndarray:
+    """True for the values within ``clip`` robust sigmas (astropy's ``mad_std``) of the
+    median along ``axis`` (False for NaN)."""
+    values = np.asarray(values, dtype=float)
+    median = np.nanmedian(values, axis=axis, keepdims=True)
+    sigma = np.expand_dims(mad_std(values, axis=axis, ignore_nan=True), axis)
+    return np.abs(values - median) <= clip * sigma
 
 
 def clipped_std(values: np.ndarray, axis: int = 0, clip: float = 4.0) -> np.ndarray:
@@ -261,9 +276,7 @@ def clipped_std(values: np.ndarray, axis: int = 0, clip: float = 4.0) -> np.ndar
     (1.4826 MAD) of the median: a cosmic ray does not count, and unlike the MAD itself the
     result changes smoothly with the data (so iterated weights converge). NaN ignored."""
     values = np.asarray(values, dtype=float)
-    median = np.nanmedian(values, axis=axis, keepdims=True)
-    sigma = np.expand_dims(robust_std(values, axis=axis), axis)
-    kept = np.where(np.abs(values - median) <= clip * sigma, values, np.nan)
+    kept = np.where(within_clip(values, axis=axis, clip=clip), values, np.nan)
     return np.nanstd(kept, axis=axis, ddof=1)
 
 
@@ -282,6 +295,35 @@ class ComparisonResult:
     light_curves: np.ndarray  # frames x candidates: each star over the ensemble of the others
 
 
+def weighted_ensemble(rel: np.ndarray, rel_var: np.ndarray,
+                      weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame, the weighted mean of the stars' relative fluxes and its variance.
+
+    A star without a value on a frame (NaN: flagged there, or not measured) leaves the
+    ensemble of that frame only; the weights of the others are renormalised on it, so the
+    ensemble stays near 1. ``E_j = sum_i w_i r_ij / sum_i w_i`` and
+    ``var_j = sum_i w_i^2 v_ij / (sum_i w_i)^2`` over the stars with a value on frame j
+    (NaN where none has one).
+
+    Parameters
+    ----------
+    rel, rel_var : frames x stars, each star's flux over its median and its variance.
+    weights : one weight per star (need not sum to 1).
+    """
+    rel = np.asarray(rel, dtype=float)
+    rel_var = np.asarray(rel_var, dtype=float)
+    have = np.isfinite(rel) & np.isfinite(rel_var)
+    w = np.where(have, np.asarray(weights, dtype=float)[None, :], 0.0)
+    total = w.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.sum(np.where(have, rel, 0.0) * w, axis=1) / total
+        var = np.sum(np.where(have, rel_var, 0.0) * w ** 2, axis=1) / total ** 2
+    none = total <= 0
+    mean[none] = np.nan
+    var[none] = np.nan
+    return mean, var
+
+
 def _ensemble_of_others(rel: np.ndarray, rel_var: np.ndarray, weights: np.ndarray,
                         segments: np.ndarray):
     """Each star's flux relative to the weighted ensemble of the others, and its variance."""
@@ -293,9 +335,7 @@ def _ensemble_of_others(rel: np.ndarray, rel_var: np.ndarray, weights: np.ndarra
         w[star] = 0.0
         if w.sum() <= 0:
             continue
-        w = w / w.sum()
-        ensemble = rel @ w
-        ensemble_var = rel_var @ (w ** 2)
+        ensemble, ensemble_var = weighted_ensemble(rel, rel_var, w)
         ratio = rel[:, star] / ensemble
         curves[:, star] = ratio
         variance[:, star] = ratio ** 2 * (rel_var[:, star] / rel[:, star] ** 2
@@ -306,8 +346,8 @@ def _ensemble_of_others(rel: np.ndarray, rel_var: np.ndarray, weights: np.ndarra
 
 def select_comparisons(flux: np.ndarray, flux_err: np.ndarray, *, segments: np.ndarray,
                        scint: np.ndarray | float = 0.0, max_ratio: float = 1.5,
-                       min_stars: int = 2, max_iter: int = 50,
-                       tol: float = 1e-5) -> ComparisonResult:
+                       min_stars: int = 2, max_iter: int = 50, tol: float = 1e-5,
+                       freeze_clip_after: int = 5) -> ComparisonResult:
     """Iterative inverse-variance weights of comparison stars, rejecting variable ones.
 
     Each star is divided by the weighted ensemble of the *other* stars and normalised in each
@@ -317,7 +357,9 @@ def select_comparisons(flux: np.ndarray, flux_err: np.ndarray, *, segments: np.n
     spirit of Broeg et al. 2005). A star whose scatter exceeds ``max_ratio`` times the
     scatter expected from its errors and the ensemble's is variable (or badly measured): the
     worst such star is rejected and the weights are iterated again, until none is left or
-    only ``min_stars`` remain.
+    only ``min_stars`` remain. After ``freeze_clip_after`` iterations of a round the points
+    left out by the clip are kept fixed for the rest of the round: a point right at the limit
+    could otherwise flip in and out at every iteration and the weights would never settle.
 
     Parameters
     ----------
@@ -340,11 +382,13 @@ def select_comparisons(flux: np.ndarray, flux_err: np.ndarray, *, segments: np.n
     iterations = 0
     while True:
         converged = False
-        for _ in range(max_iter):
+        for step in range(max_iter):
             iterations += 1
             w = np.where(used, weights, 0.0)
             curves, variance = _ensemble_of_others(rel, rel_var, w, segments)
-            rms = clipped_std(curves, axis=0)
+            if step < freeze_clip_after:
+                kept = within_clip(curves, axis=0)
+            rms = np.nanstd(np.where(kept, curves, np.nan), axis=0, ddof=1)
             new = np.where(used, 1.0 / rms ** 2, 0.0)
             change = np.max(np.abs(new / new.sum() - w / w.sum()))
             weights = new
@@ -378,11 +422,13 @@ def relative_flux(target_flux: np.ndarray, target_err: np.ndarray, comp_flux: np
     flux is ``R = F_t / E`` (in units of the target's ADU). The error adds in quadrature the
     target's ``sum_err``, the ensemble's (``sum_i w_i^2 sigma_i^2 / m_i^2``) and the
     scintillation of every star (relative sigma ``scint``, independent from star to star).
+    A comparison star that is NaN on a frame (flagged there) leaves that frame's ensemble
+    only (:func:`weighted_ensemble`).
 
     Parameters
     ----------
     target_flux, target_err : per frame, ADU.
-    comp_flux, comp_err : frames x comparison stars, ADU.
+    comp_flux, comp_err : frames x comparison stars, ADU (NaN: not usable on that frame).
     weights : weight of each comparison star.
     scint : relative scintillation noise per frame (or one value).
     """
@@ -391,9 +437,10 @@ def relative_flux(target_flux: np.ndarray, target_err: np.ndarray, comp_flux: np
     comp_flux = np.asarray(comp_flux, dtype=float)
     median = np.nanmedian(comp_flux, axis=0)
     scint = np.asarray(scint, dtype=float)
-    ensemble = (comp_flux / median) @ w
-    ensemble_var = ((np.asarray(comp_err, dtype=float) ** 2
-                     + (np.atleast_1d(scint)[:, None] * comp_flux) ** 2) / median ** 2) @ w ** 2
+    ensemble, ensemble_var = weighted_ensemble(
+        comp_flux / median, (np.asarray(comp_err, dtype=float) ** 2
+                             + (np.atleast_1d(scint)[:, None] * comp_flux) ** 2) / median ** 2,
+        w)
     target_flux = np.asarray(target_flux, dtype=float)
     ratio = target_flux / ensemble
     relative_var = ((np.asarray(target_err, dtype=float) / target_flux) ** 2 + scint ** 2
@@ -557,12 +604,24 @@ class TransitFit:
         model = batman.TransitModel(self._params, np.asarray(times, dtype=float) - self.t_ref)
         return np.asarray(model.light_curve(self._params), dtype=float)
 
+    @staticmethod
+    def bounds_violations(theta) -> list[str]:
+        """The physical limits that ``theta`` breaks ([] if none): 0 < Rp/R* < 0.5,
+        a/R* > 1.5, 0 <= b < min(1 + Rp/R*, a/R*), and the quadratic limb darkening of
+        Kipping (2013) that keeps the intensity positive and decreasing towards the limb:
+        u1 > 0, u1 + u2 < 1, u1 + 2 u2 > 0 (and u1 + u2 > 0)."""
+        _, rp, a_rs, b, u1, u2 = (float(v) for v in theta)
+        tests = [(0.0 < rp < 0.5, f"Rp/R* = {rp:.4g} not in (0, 0.5)"),
+                 (a_rs > 1.5, f"a/R* = {a_rs:.4g} not above 1.5"),
+                 (0.0 <= b < min(1.0 + rp, a_rs), f"b = {b:.4g} not in [0, min(1 + Rp/R*, a/R*))"),
+                 (u1 > 0.0, f"u1 = {u1:.4g} not above 0"),
+                 (0.0 < u1 + u2 < 1.0, f"u1 + u2 = {u1 + u2:.4g} not in (0, 1)"),
+                 (u1 + 2.0 * u2 > 0.0, f"u1 + 2 u2 = {u1 + 2.0 * u2:.4g} not above 0")]
+        return [message for ok, message in tests if not ok]
+
     def in_bounds(self, theta) -> bool:
-        """Physical limits: 0 < Rp/R* < 0.5, a/R* > 1.5, 0 <= b < 1 + Rp/R*, and limb
-        darkening with 0 < u1 + u2 < 1, u1 > 0 (positive, decreasing intensity)."""
-        _, rp, a_rs, b, u1, u2 = theta
-        return (0.0 < rp < 0.5 and a_rs > 1.5 and 0.0 <= b < min(1.0 + rp, a_rs)
-                and u1 > 0.0 and 0.0 < u1 + u2 < 1.0)
+        """True within the physical limits of :meth:`bounds_violations`."""
+        return not self.bounds_violations(theta)
 
     def prior_residuals(self, theta) -> np.ndarray:
         """(value - prior) / sigma for every parameter with a finite prior."""
@@ -625,23 +684,66 @@ class TransitFit:
             return np.column_stack([(residuals(step + h * unit) - r0) / h
                                     for unit in np.eye(len(step))])
 
+        problems = self.bounds_violations(start)
+        if problems:
+            raise FitError(f"the least-squares start is outside the physical limits "
+                             f"({'; '.join(problems)}); start from the priors' centres and "
+                             "check the priors in config.targets")
         result = least_squares(residuals, np.zeros(len(start)), jac=jacobian, method="trf")
+        if not result.success:
+            warnings.warn(f"the least-squares transit fit did not converge ({result.message}):"
+                          " its parameters are no good start for the sampler; check the "
+                          "starting values (ephemeris, Rp/R* guess) and the light curve",
+                          FitWarning, stacklevel=2)
         return start + result.x * scale
 
     def sample(self, theta0, *, n_walkers: int = 32, n_steps: int = 2500, seed: int = 0,
-               spread=(2e-4, 2e-3, 0.05, 0.01, 0.02, 0.02)):
-        """Run emcee from a small ball around ``theta0`` (seeded); returns the sampler."""
+               spread=(2e-4, 2e-3, 0.05, 0.01, 0.02, 0.02), max_tries: int = 1000,
+               min_acceptance: float = 0.1):
+        """Run emcee from a small ball around ``theta0`` (seeded); returns the sampler.
+
+        Raises :class:`FrameError` if ``theta0`` breaks a physical limit or has no finite
+        posterior (start from :meth:`least_squares`), or if ``max_tries`` draws of a walker
+        all fall outside the limits (``theta0`` is at a limit: shrink ``spread``). Warns
+        (:class:`FitWarning`) if the mean acceptance fraction ends below ``min_acceptance``:
+        the walkers are stuck, and the chain's spread is not the posterior's.
+        """
         import emcee
 
+        theta0 = np.asarray(theta0, dtype=float)
+        problems = self.bounds_violations(theta0)
+        if problems:
+            raise FitError(f"the sampler's start is outside the physical limits "
+                             f"({'; '.join(problems)}); start from the result of "
+                             "TransitFit.least_squares, or check the priors in config.targets")
+        if not np.isfinite(self.log_probability(theta0)):
+            raise FitError("the posterior is not finite at the sampler's start (NaN flux or "
+                             "error bars?); check the light curve and start from "
+                             "TransitFit.least_squares")
         rng = np.random.default_rng(seed)
-        start = np.asarray(theta0, dtype=float) + rng.normal(size=(n_walkers, len(theta0))) \
-            * np.asarray(spread)
+        spread = np.asarray(spread, dtype=float)
+        start = theta0 + rng.normal(size=(n_walkers, len(theta0))) * spread
         for k in range(n_walkers):
-            while not self.in_bounds(start[k]):
-                start[k] = np.asarray(theta0) + rng.normal(size=len(theta0)) * np.asarray(spread)
+            for _ in range(max_tries):
+                if self.in_bounds(start[k]):
+                    break
+                start[k] = theta0 + rng.normal(size=len(theta0)) * spread
+            else:
+                broken = "; ".join(self.bounds_violations(start[k]))
+                raise FitError(f"no walker start within the physical limits in {max_tries} "
+                                 f"draws around the start (last: {broken}); the start is at "
+                                 "a limit: shrink spread or start from "
+                                 "TransitFit.least_squares")
         sampler = emcee.EnsembleSampler(n_walkers, len(theta0), self.log_probability)
         sampler.random_state = np.random.RandomState(seed).get_state()
         sampler.run_mcmc(start, n_steps, progress=False)
+        acceptance = float(np.mean(sampler.acceptance_fraction))
+        if acceptance < min_acceptance:
+            warnings.warn(f"emcee: mean acceptance fraction {acceptance:.3f} is below "
+                          f"{min_acceptance}: the walkers are stuck and the chain does not "
+                          "sample the posterior; start from TransitFit.least_squares, shrink "
+                          "spread, or check the priors and error bars", FitWarning,
+                          stacklevel=2)
         return sampler
 
 

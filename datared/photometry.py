@@ -944,3 +944,30 @@ def mark_quality(quality: Table, phot_dir: str | Path) -> None:
     for row in quality:
         fits.setval(Path(phot_dir) / row["catalog"], "QUALITY", ext=1,
                     value=str(row["quality"])[:68])
+
+
+#: File in the photometry folder with chapter 04's verdict on every frame.
+FRAME_QUALITY_FILE = "frame_quality.ecsv"
+
+
+def bad_quality_frames(phot_dir: str | Path) -> dict[str, str]:
+    """The frames that chapter 04 found of bad quality: frame file name -> reason.
+
+    Read from ``frame_quality.ecsv`` in ``phot_dir`` (:func:`frame_quality_table`, written
+    by chapter 04, section 7.4); the keys are the frames' file names (its ``frame`` column,
+    the ``FRAME`` of each catalogue's metadata), the values its ``quality`` text. An empty
+    dict if the file does not exist (chapter 04 has not judged the frames). Later chapters
+    use it to leave out the same frames.
+    """
+    path = Path(phot_dir) / FRAME_QUALITY_FILE
+    if not path.exists():
+        return {}
+    try:
+        verdicts = Table.read(path, format="ascii.ecsv")
+    except (OSError, ValueError) as err:
+        raise FrameError(f"{path}: cannot be read ({err}); rerun notebooks/04-photometry.ipynb"
+                         ) from err
+    missing = [c for c in ("frame", "good", "quality") if c not in verdicts.colnames]
+    if missing:
+        raise FrameError(f"{path}: no column {missing[0]}; rerun notebooks/04-photometry.ipynb")
+    return {str(row["frame"]): str(row["quality"]) for row in verdicts if not row["good"]}

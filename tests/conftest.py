@@ -81,6 +81,16 @@ def truth(night_dir) -> Truth:
     return Truth(night_dir / "truth")
 
 
+@pytest.fixture(scope="module")
+def true_stars(truth):
+    """The true stars of the sample night, with a ``sky`` column (SkyCoord) for matching."""
+    from astropy.coordinates import SkyCoord
+
+    stars = truth.stars
+    stars["sky"] = SkyCoord(stars["ra"], stars["dec"], unit="deg")
+    return stars
+
+
 @dataclass
 class BookRun:
     work_dir: Path

@@ -28,13 +28,6 @@ def phot_dir(book_work):
 
 
 @pytest.fixture(scope="module")
-def true_stars(truth):
-    stars = truth.stars
-    stars["sky"] = SkyCoord(stars["ra"], stars["dec"], unit="deg")
-    return stars
-
-
-@pytest.fixture(scope="module")
 def references(phot_dir):
     return {target: QTable.read(phot_dir / f"ref_catalog_{target}.fits")
             for target in config.targets}

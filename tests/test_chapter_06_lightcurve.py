@@ -147,3 +147,38 @@ def test_aavso_export_holds_the_light_curve(lc_dir, target, curve):
     dates = np.array([float(row[0]) for row in rows])
     assert np.allclose(dates, curve["bjd_tdb"], atol=1e-8)
     assert np.allclose([float(row[1]) for row in rows], curve["flux"], atol=1e-7)
+
+
+
+def test_frames_flagged_for_a_comparison_star_only_stay_in_the_curve(book_work, lc_dir, target,
+                                                                    curve, fit):
+    from datared import photometry as ph
+
+    phot_dir = book_work / "PHOTOMETRY"
+    bad_quality = ph.bad_quality_frames(phot_dir)
+    in_curve = {str(f) for f in curve["file"]}
+    assert not in_curve & set(bad_quality), "a frame of bad quality is in the light curve"
+    tag = ph.radius_tag(fit["aperture_arcsec"])
+    reference = Table.read(phot_dir / ph.reference_catalog_name(target))
+    row_of = {int(i): k for k, i in enumerate(reference["id"])}
+    used = [row_of[int(i)] for i in fit["comparison_stars"]]
+    # the comparison-star table lists every star but the target
+    others = {int(i) for i in Table.read(lc_dir / f"{target}_comparison_stars.ecsv")["id"]}
+    (target_row,) = [k for i, k in row_of.items() if i not in others]
+    kept_back = []
+    for path in ph.frame_catalog_paths(phot_dir):
+        table = Table.read(path)
+        frame = str(table.meta.get("FRAME", ""))
+        if str(table.meta.get("OBJECT", "")).strip() != target or frame in bad_quality:
+            continue
+        flags = np.asarray(table[f"flags_{tag}"])
+        comparison_flagged = flags[used] != 0
+        if flags[target_row] == 0 and comparison_flagged.any() and not comparison_flagged.all():
+            kept_back.append(frame)
+    # frames on which some, not all, comparison stars are flagged (and the target is not)
+    # belong in the curve: only the flagged star leaves the ensemble of that frame (a frame
+    # may still go as an outlier of the fit or for want of a FWHM, a few at most)
+    missing = [frame for frame in kept_back if frame not in in_curve]
+    assert len(missing) <= max(1, len(kept_back) // 5), (
+        f"{len(missing)} of {len(kept_back)} frames with a flagged comparison star were "
+        f"dropped: {missing[:3]}")

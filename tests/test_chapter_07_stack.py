@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
 import config
@@ -37,13 +36,6 @@ def stacks(stack_dir):
             if path.exists():
                 found[(target, band)] = st.read_stack(path)
     return found
-
-
-@pytest.fixture(scope="module")
-def true_stars(truth):
-    stars = truth.stars
-    stars["sky"] = SkyCoord(stars["ra"], stars["dec"], unit="deg")
-    return stars
 
 
 def _solved_frames(book_work) -> Table:

@@ -115,10 +115,13 @@ def test_candidates_name_the_reason():
                        sky=flux * 0, airmass=hours * 0 + 1, fwhm=hours * 0 + 2,
                        scint=hours * 0, pierside=np.array(["West"] * len(hours)),
                        exptime=hours * 0 + 60)
-    series.peak["3p0"][10, 1] = 7e4
+    series.flags["3p0"][10, 1] = lc.FLAG_BITS["saturated"]  # chapter 04's saturated bit
     series.flags["3p0"][:20, 2] = 8
     series.flux["3p0"][5, 3] = np.nan
-    reasons = lc.comparison_candidates(series, "3p0", target_index=0, saturation_adu=6e4,
+    # a high calibrated peak without the flag is no saturation: after a flat field a pixel
+    # can read more than the raw saturation level and still be linear
+    series.peak["3p0"][:, 4] = 7e4
+    reasons = lc.comparison_candidates(series, "3p0", target_index=0,
                                        colour=np.array([0.5, 0.5, 0.5, 0.5, 1.5]))
     assert reasons[0] == "the target"
     assert reasons[1].startswith("saturated on 1 frame")
@@ -274,6 +277,58 @@ def test_out_of_transit_and_detrended_scatter():
     assert lc.detrended_scatter(flux, bjd, segments, outside) == pytest.approx(0.002, rel=0.15)
 
 
+def test_relative_flux_leaves_a_flagged_comparison_out_of_its_frame_only():
+    comp = np.array([[1.0, 2.0, 4.0], [1.0, np.nan, 4.0], [1.0, 2.0, 4.0], [1.0, 2.0, 4.0]])
+    weights = np.array([0.5, 0.3, 0.2])
+    ratio, ratio_err = lc.relative_flux(np.full(4, 10.0), np.full(4, 0.1), comp,
+                                        np.full(comp.shape, 0.01), weights)
+    # every star is at its median on every frame: the ensemble is 1 on all frames, also on
+    # the frame where star 2 is missing (the other weights are renormalised there)
+    assert np.all(np.isfinite(ratio)) and ratio == pytest.approx(np.full(4, 10.0))
+    assert ratio_err[1] > ratio_err[0]  # fewer stars: a noisier ensemble
+    mean, var = lc.weighted_ensemble(np.array([[1.0, np.nan], [np.nan, np.nan]]),
+                                     np.array([[1e-4, 1e-4], [1e-4, 1e-4]]), np.array([1, 3]))
+    assert mean[0] == 1.0 and var[0] == pytest.approx(1e-4) and np.isnan(mean[1])
+
+
+def test_select_comparisons_keeps_the_other_frames_of_a_flagged_star():
+    hours, flux, err = ensemble_night(amplitude=0.0)
+    flux = flux.copy()
+    flux[10:13, 2] = np.nan  # star 2 flagged on three frames
+    result = lc.select_comparisons(flux, err, segments=np.zeros(len(hours), int))
+    assert result.used.all()
+    assert np.isnan(result.light_curves[10:13, 2]).all()
+    assert np.isfinite(np.delete(result.light_curves, 2, axis=1)).all()
+
+
+def test_clipped_std_uses_astropys_mad_std():
+    assert not hasattr(lc, "robust_std")
+    values = np.random.default_rng(1).normal(size=(500, 3))
+    values[0, 0] = 50.0  # an outlier that the 4-sigma clip removes
+    from astropy.stats import mad_std
+
+    median = np.median(values, axis=0)
+    kept = np.where(np.abs(values - median) <= 4 * mad_std(values, axis=0), values, np.nan)
+    assert lc.clipped_std(values) == pytest.approx(np.nanstd(kept, axis=0, ddof=1), rel=1e-12)
+
+
+def test_series_has_no_unused_select():
+    assert not hasattr(lc.Series, "select")
+
+
+def test_check_catalog_rejects_one_bad_catalogue(tmp_path):
+    good = Table({"id": [1, 2], "x": [1.0, 2.0], "y": [1.0, 2.0], "sky": [1.0, 1.0],
+                  "sum_3p0": [1.0, 2.0], "sum_err_3p0": [0.1, 0.1], "max_3p0": [5.0, 5.0],
+                  "flags_3p0": [0, 0]})
+    lc.check_catalog(good, tmp_path / "frame_1.fits", ["3p0"], ids=np.array([1, 2]))
+    bad = good.copy()
+    bad.remove_column("sky")
+    with pytest.raises(FrameError, match="frame_2.fits: no column sky"):
+        lc.check_catalog(bad, tmp_path / "frame_2.fits", ["3p0"], ids=np.array([1, 2]))
+    with pytest.raises(FrameError, match="frame_3.fits: no column sum_4p0"):
+        lc.check_catalog(good, tmp_path / "frame_3.fits", ["3p0", "4p0"], ids=np.array([1, 2]))
+
+
 def test_load_series_names_a_catalogue_in_the_wrong_order(tmp_path):
     table = Table({"id": [2, 1], "x": [1.0, 2.0], "y": [1.0, 2.0], "sky": [1.0, 1.0],
                    "sum_3p0": [1.0, 2.0], "sum_err_3p0": [0.1, 0.1], "max_3p0": [5.0, 5.0],
@@ -302,3 +357,56 @@ def test_log_probability_integrates_over_the_baseline():
     other = design @ (coeffs * 1.001)
     assert np.sum(((flux - shape * other) / err) ** 2) > chi2
     assert fit.log_probability([*theta[:3], 1.5, *theta[4:]]) == -np.inf  # b > 1 + Rp/R*
+
+
+def test_limb_darkening_bounds_are_kipping_s_three_conditions():
+    bounds = lc.TransitFit.bounds_violations
+    good = [TRUE["t0"], 0.12, 6.9, 0.5, 0.46, 0.21]
+    assert bounds(good) == []
+    # u1 + u2 < 1 and u1 > 0 hold, but u1 + 2 u2 < 0: intensity rises towards the limb
+    rising = [TRUE["t0"], 0.12, 6.9, 0.5, 0.3, -0.2]
+    assert any("u1 + 2 u2" in message for message in bounds(rising))
+    assert any("u1 + u2" in message for message in bounds([TRUE["t0"], 0.12, 6.9, 0.5, 0.8, 0.3]))
+    assert any(message.startswith("u1 =") for message in bounds([TRUE["t0"], 0.12, 6.9, 0.5,
+                                                                   -0.1, 0.5]))
+
+
+def small_fit():
+    bjd, flux, err, airmass, segments = synthetic_transit()
+    design, _ = lc.design_matrix({"airmass": airmass}, ["airmass"], segments)
+    priors = {"a_rs": lc.Prior(6.9, 0.3), "b": lc.Prior(0.77, 0.05),
+              "u1": lc.Prior(0.46, 0.1), "u2": lc.Prior(0.21, 0.1)}
+    return lc.TransitFit(bjd, flux, err, design, period_d=PERIOD, priors=priors)
+
+
+def test_sample_refuses_a_start_outside_the_priors_instead_of_hanging():
+    fit = small_fit()
+    outside = [TRUE["t0"], 0.12, 6.9, 0.77, 0.3, -0.2]  # u1 + 2 u2 < 0
+    with pytest.raises(lc.FitError, match="u1 \\+ 2 u2.*least_squares"):
+        fit.sample(outside, n_walkers=8, n_steps=5)
+    # a start on a limit with a wide ball: no walker can be placed; a clear error, not a hang
+    edge = [TRUE["t0"], 0.12, 6.9, 1e-9, 0.46, 0.21]
+    with pytest.raises(lc.FitError, match="no walker start.*shrink spread"):
+        fit.sample(edge, n_walkers=8, n_steps=5, spread=(0, 0, 0, 1e3, 0, 0), max_tries=20)
+
+
+def test_sample_warns_when_the_walkers_are_stuck():
+    fit = small_fit()
+    best = [TRUE[name] for name in lc.PARAMETERS]
+    # a ball a thousand times wider than the posterior: almost every proposal is rejected
+    with pytest.warns(lc.FitWarning, match="acceptance fraction.*stuck"):
+        fit.sample(best, n_walkers=12, n_steps=30, seed=1, min_acceptance=0.99)
+
+
+def test_select_comparisons_settles_when_a_point_sits_at_the_clip_limit():
+    # heavy-tailed noise puts a point right at 4 robust sigmas: with the clip redone at every
+    # iteration it flips in and out and the weights oscillate for ever
+    rng = np.random.default_rng(12)
+    flux = 1e5 * (1 + 0.003 * rng.standard_t(3, size=(40, 4)))
+    err = np.full(flux.shape, 300.0)
+    segments = np.zeros(40, int)
+    flipping = lc.select_comparisons(flux, err, segments=segments, max_ratio=100,
+                                     freeze_clip_after=10**6)
+    assert not flipping.converged  # the case this test is about
+    result = lc.select_comparisons(flux, err, segments=segments, max_ratio=100)
+    assert result.converged and result.iterations < 50

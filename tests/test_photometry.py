@@ -617,6 +617,25 @@ def test_frame_quality_table_flags_each_fault_with_its_reason(tmp_path):
     assert fits.getheader(tmp_path / "f00.fits", 1)["QUALITY"] == "ok"
 
 
+def test_bad_quality_frames_lists_the_bad_frames_by_frame_name(tmp_path):
+    assert ph.bad_quality_frames(tmp_path) == {}  # chapter 04 has not judged the frames
+    paths = [_quality_catalog(tmp_path / f"f{k:02d}.fits", seed=k) for k in range(6)]
+    paths.append(_quality_catalog(tmp_path / "cloudy.fits", scale=0.1, seed=8))
+    quality = ph.frame_quality_table(paths, radius_arcsec=3.0)
+    quality["frame"] = [f"raw_{name}" for name in quality["catalog"]]
+    quality.write(tmp_path / ph.FRAME_QUALITY_FILE, format="ascii.ecsv")
+    bad = ph.bad_quality_frames(tmp_path)
+    assert list(bad) == ["raw_cloudy.fits"]
+    assert bad["raw_cloudy.fits"].startswith("transparency 0.10")
+    quality.remove_column("good")
+    quality.write(tmp_path / ph.FRAME_QUALITY_FILE, format="ascii.ecsv", overwrite=True)
+    with pytest.raises(FrameError, match="frame_quality.ecsv: no column good.*04-photometry"):
+        ph.bad_quality_frames(tmp_path)
+    (tmp_path / ph.FRAME_QUALITY_FILE).write_text("not a table")
+    with pytest.raises(FrameError, match="frame_quality.ecsv: cannot be read"):
+        ph.bad_quality_frames(tmp_path)
+
+
 def test_choose_reference_never_picks_a_trailed_frame():
     quality = Table({"n_sources": [100, 120, 95], "fwhm_pix": [3.0, 2.5, 3.2],
                      "ellipticity": [0.05, 0.5, 0.06]})
