@@ -8,17 +8,15 @@ missing, what chapter 02 will do about it, and which frame it left out and why.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from astropy.io import fits
 
+from tests.building import execute_printed
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "01-data.ipynb"
-JUPYTER = Path(sys.executable).with_name("jupyter")
 N_LIGHTS = 10  # science frames kept in each odd night, to keep the chapter short
 
 
@@ -44,20 +42,10 @@ def without_keyword(path: Path, keyword: str) -> None:
 
 def run_chapter_01(data_dir: Path, tmp_path: Path, notebook: Path = NOTEBOOK) -> str:
     """Execute notebook 01 on ``data_dir``; return its printed output (fails on an error)."""
-    env = dict(os.environ, DATARED_DATA_DIR=str(data_dir), DATARED_WORK_DIR=str(tmp_path / "work"),
-               DATARED_TEXT_PROGRESS="1")
-    out_dir = tmp_path / "executed"
-    proc = subprocess.run([str(JUPYTER), "nbconvert", "--to", "notebook", "--execute",
-                           "--output-dir", str(out_dir), str(notebook)],
-                          env=env, capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    executed = json.loads((out_dir / notebook.name).read_text())
-    out = "".join("".join(output.get("text", "")) for cell in executed["cells"]
-                  if cell["cell_type"] == "code" for output in cell["outputs"])
-    too_long = [line for line in out.splitlines() if len(line) > 90]
-    assert not too_long, f"printed lines over 90 characters: {too_long}"
-    assert str(data_dir) not in out and str(tmp_path) not in out, "a machine path is printed"
-    return out
+    return execute_printed(notebook, tmp_path / "executed",
+                           {"DATARED_DATA_DIR": str(data_dir),
+                            "DATARED_WORK_DIR": str(tmp_path / "work")},
+                           max_width=90, hidden=(data_dir, tmp_path))
 
 
 def flat(text: str) -> str:

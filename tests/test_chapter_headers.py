@@ -14,9 +14,7 @@ replaces the link). The conventions are set by a settings file (DATARED_CONFIG) 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +22,9 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.time import Time, TimeDelta
 
+from tests.building import execute_printed
+
 REPO = Path(__file__).resolve().parents[1]
-JUPYTER = Path(sys.executable).with_name("jupyter")
 NOTEBOOKS = {"01": "01-data.ipynb", "02": "02-pre-reduction.ipynb",
              "03": "03-astrometry.ipynb", "04": "04-photometry.ipynb"}
 M37 = {"kind": "cluster", "ra_deg": 88.074, "dec_deg": 32.545}
@@ -89,21 +88,11 @@ def settings_file(folder: Path, text: str, targets: dict[str, dict]) -> Path:
 
 def run_chapter(label: str, data_dir: Path, work: Path, config_file: Path) -> str:
     """Execute one chapter on ``data_dir``; return its printed output (fails on an error)."""
-    notebook = REPO / "notebooks" / NOTEBOOKS[label]
-    env = dict(os.environ, DATARED_DATA_DIR=str(data_dir), DATARED_WORK_DIR=str(work),
-               DATARED_CONFIG=str(config_file), DATARED_TEXT_PROGRESS="1")
-    out_dir = work.parent / f"executed-{label}-{config_file.parent.name}"
-    proc = subprocess.run([str(JUPYTER), "nbconvert", "--to", "notebook", "--execute",
-                           "--output-dir", str(out_dir), str(notebook)],
-                          env=env, capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    executed = json.loads((out_dir / notebook.name).read_text())
-    out = "".join("".join(output.get("text", "")) for cell in executed["cells"]
-                  if cell["cell_type"] == "code" for output in cell["outputs"])
-    too_long = [line for line in out.splitlines() if len(line) > 100]
-    assert not too_long, f"printed lines over 100 characters: {too_long}"
-    assert str(data_dir) not in out and str(work) not in out, "a machine path is printed"
-    return out
+    return execute_printed(REPO / "notebooks" / NOTEBOOKS[label],
+                           work.parent / f"executed-{label}-{config_file.parent.name}",
+                           {"DATARED_DATA_DIR": str(data_dir), "DATARED_WORK_DIR": str(work),
+                            "DATARED_CONFIG": str(config_file)},
+                           max_width=100, hidden=(data_dir, work))
 
 
 def flat(text: str) -> str:
