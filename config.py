@@ -232,6 +232,10 @@ cmd_settings = {
 
 #: Memory budget for combining frames (bytes).
 combine_memory_budget = 2_000_000_000
+#: Worker processes for the per-frame loops of chapters 02-04 (datared.parallel): 0 uses
+#: every core, a negative number leaves that many cores free, 1 runs one loop in the
+#: notebook's own process. Each worker holds one frame: memory grows with the number.
+workers = 0
 
 #: Pre-reduction options (chapter 02). Clean cosmic rays from every calibrated science
 #: frame with L.A.Cosmic (slow on full frames; the chapter always shows it on a cut-out).

@@ -120,7 +120,7 @@ def ch02_ours(night: str, work: str, lights: list[str]) -> dict:
         saturation_adu=config.saturation_adu, overscan_section=config.overscan_section,
         trim_section=config.trim_section, gain_e_per_adu=config.gain_e_per_adu,
         read_noise_e=config.read_noise_e, with_uncertainty=config.write_uncertainty,
-        cosmic_rays=config.clean_cosmic_rays)
+        cosmic_rays=config.clean_cosmic_rays, workers=config.workers)
     lights_s = time.perf_counter() - start
     return {"calibration_frames": len(bias_files) + len(dark_files) + n_flats,
             "masters_s": masters_s, "frames": len(table), "skipped": len(log),

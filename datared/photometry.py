@@ -762,6 +762,50 @@ def measure_frame(frame: Frame, reference: Table, radii_arcsec: Sequence[float],
     return table
 
 
+def quality_of_file(path: str | Path, shared: dict) -> dict:
+    """:func:`frame_quality` of the frame in ``path``, for :func:`datared.parallel.map_frames`.
+
+    ``shared`` holds the keyword arguments of :func:`frame_quality` (``saturation_adu``,
+    ``min_snr``, ...). Returns its dictionary with the frame's ``fwhm_arcsec`` added.
+    """
+    from datared.frame import read_frame
+
+    frame = read_frame(path)
+    quality = frame_quality(frame, **shared)
+    quality["fwhm_arcsec"] = quality["fwhm_pix"] * frame.pixel_scale_arcsec
+    return quality
+
+
+def measure_file(task: tuple, shared: dict) -> Path:
+    """One frame of chapter 04's loop, for :func:`datared.parallel.map_frames`: read the frame,
+    :func:`measure_frame` it, label its catalogue and write it; returns the catalogue's path.
+
+    Parameters
+    ----------
+    task : (frame path, catalogue path, calibration key): the key (filter, exposure time)
+        selects the frame's :class:`~datared.reduction.CalibrationTerms` in ``shared``.
+    shared : ``reference`` (the target's reference catalogue), ``target`` (its name),
+        ``calibrations`` (terms by key, loaded by the caller so that a missing master frame
+        stops the chapter instead of skipping every frame) and ``options`` (the other
+        keyword arguments of :func:`measure_frame`, with ``radii_arcsec``).
+
+    The catalogue's metadata name the reference catalogue (``REFCAT``) and the target as the
+    settings spell it (``OBJECT``; the header's spelling, if different, in ``HDROBJ``).
+    """
+    from datared.frame import read_frame
+
+    path, output, key = task
+    target = shared["target"]
+    frame = read_frame(path)
+    table = measure_frame(frame, shared["reference"], calibration=shared["calibrations"][key],
+                          **shared["options"])
+    table.meta["REFCAT"] = reference_catalog_name(target)
+    if table.meta.get("OBJECT") != target:  # the header spells it otherwise
+        table.meta["HDROBJ"] = str(table.meta.get("OBJECT", ""))
+        table.meta["OBJECT"] = target  # later chapters find it by this name
+    return write_catalog(table, output)
+
+
 def write_catalog(table, path: str | Path) -> Path:
     """Write a catalogue as FITS (overwriting: reruns are safe); returns the path.
 

@@ -875,7 +875,7 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
                      saturation_adu: float | None = None, overscan_section: str | None = None,
                      trim_section: str | None = None, gain_e_per_adu: float | None = None,
                      read_noise_e: float | None = None, with_uncertainty: bool = False,
-                     cosmic_rays: bool = False) -> tuple[Table, SkipLog]:
+                     cosmic_rays: bool = False, workers: int | None = 1) -> tuple[Table, SkipLog]:
     """Calibrate every science frame into ``out_dir/<raw file name>``; skip and log bad ones.
 
     Parameters
@@ -891,6 +891,8 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
         cosmic-ray cleaning.
     with_uncertainty : write an UNCERT extension (CCD noise equation).
     cosmic_rays : clean cosmic rays with L.A.Cosmic (and mask them).
+    workers : processes sharing the frames (:func:`datared.parallel.map_frames`; None or 0:
+        every core). The files and the table are the same for any number.
 
     Returns
     -------
@@ -898,6 +900,8 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
     output's name (:func:`datared.io.output_name`: ``.fits``, whatever the raw suffix), ``raw``
     the raw frame's name. Record the outputs with :func:`datared.io.write_manifest`.
     """
+    from datared.parallel import map_frames
+
     # Settings problems stop here, before the loop would skip every frame for them.
     if (with_uncertainty or cosmic_rays) and (gain_e_per_adu is None or read_noise_e is None):
         raise ValueError("with_uncertainty and cosmic_rays need gain_e_per_adu and read_noise_e")
@@ -905,36 +909,46 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
     out_dir.mkdir(parents=True, exist_ok=True)
     log = SkipLog("light")
     rows = []
-    for path in progress_bar(list(paths), desc="calibrating", unit="frame"):
-        path = Path(path)
-        try:
-            ccd = calibrate_frame(path, calibration, keys=keys, saturation_adu=saturation_adu,
-                                  overscan_section=overscan_section, trim_section=trim_section,
-                                  gain_e_per_adu=gain_e_per_adu, read_noise_e=read_noise_e,
-                                  with_uncertainty=with_uncertainty)
-            band = text_value(ccd.header, keys, "filter", file=path)
-            exptime = number_value(ccd.header, keys, "exptime", file=path)
-            n_cosmic = 0
-            if cosmic_rays:
-                before = ccd.mask.copy()
-                ccd = clean_cosmic_rays(ccd, gain_e_per_adu=gain_e_per_adu,
-                                        read_noise_e=read_noise_e,
-                                        saturation_adu=saturation_adu or np.inf)
-                n_cosmic = int(np.count_nonzero(ccd.mask & ~before))
-                ccd.header["HISTORY"] = (f"datared 02-pre-reduction: {n_cosmic} cosmic-ray "
-                                         "pixels cleaned (L.A.Cosmic) and masked")
-            write_frame(ccd, out_dir / output_name(path))
-        except FRAME_ERRORS as err:
-            log.skip(path, str(err))
-            (out_dir / output_name(path)).unlink(missing_ok=True)
+    shared = {"calibration": calibration, "out_dir": out_dir, "keys": keys,
+              "saturation_adu": saturation_adu, "overscan_section": overscan_section,
+              "trim_section": trim_section, "gain_e_per_adu": gain_e_per_adu,
+              "read_noise_e": read_noise_e, "with_uncertainty": with_uncertainty,
+              "cosmic_rays": cosmic_rays}
+    for outcome in map_frames(_calibrate_light, [Path(p) for p in paths], shared=shared,
+                              workers=workers, desc="calibrating", unit="frame"):
+        if outcome.error is not None:
+            log.skip(outcome.item, str(outcome.error))
+            (out_dir / output_name(outcome.item)).unlink(missing_ok=True)
             continue
-        rows.append((output_name(path), path.name, band, exptime,
-                     calibration.dark_note(exptime), int(np.count_nonzero(ccd.mask)), n_cosmic))
+        rows.append(outcome.value)
     table = Table(rows=rows or None,
                   names=("file", "raw", "filter", "exptime_s", "dark", "masked_pixels",
                          "cosmic_pixels"),
                   dtype=(str, str, str, float, str, int, int))
     return table, log
+
+
+def _calibrate_light(path: Path, shared: dict) -> tuple:
+    """One science frame of :func:`calibrate_lights`: calibrate, clean, write; its table row."""
+    calibration, keys = shared["calibration"], shared["keys"]
+    gain, read_noise = shared["gain_e_per_adu"], shared["read_noise_e"]
+    ccd = calibrate_frame(path, calibration, keys=keys, saturation_adu=shared["saturation_adu"],
+                          overscan_section=shared["overscan_section"],
+                          trim_section=shared["trim_section"], gain_e_per_adu=gain,
+                          read_noise_e=read_noise, with_uncertainty=shared["with_uncertainty"])
+    band = text_value(ccd.header, keys, "filter", file=path)
+    exptime = number_value(ccd.header, keys, "exptime", file=path)
+    n_cosmic = 0
+    if shared["cosmic_rays"]:
+        before = ccd.mask.copy()
+        ccd = clean_cosmic_rays(ccd, gain_e_per_adu=gain, read_noise_e=read_noise,
+                                saturation_adu=shared["saturation_adu"] or np.inf)
+        n_cosmic = int(np.count_nonzero(ccd.mask & ~before))
+        ccd.header["HISTORY"] = (f"datared 02-pre-reduction: {n_cosmic} cosmic-ray "
+                                 "pixels cleaned (L.A.Cosmic) and masked")
+    write_frame(ccd, shared["out_dir"] / output_name(path))
+    return (output_name(path), path.name, band, exptime, calibration.dark_note(exptime),
+            int(np.count_nonzero(ccd.mask)), n_cosmic)
 
 
 def write_master_darks(master_darks: Mapping[float, CCDData], work_dir: str | Path, *,

@@ -397,6 +397,21 @@ def test_unreadable_frames_are_skipped_with_a_reason(tmp_path):
     assert "Copy the file again" in reason and "reshape" not in reason
 
 
+def test_two_workers_write_the_same_files_and_table(tmp_path):
+    night = make_night(tmp_path / "night", flat_bands=("g",), light_bands=("g",))
+    lights = sorted((night / "LIGHT").glob("*.fits"))
+    bad = night / "LIGHT" / "M37_g_000.fits"
+    bad.write_bytes(bad.read_bytes()[:5000])
+    cal = red.Calibration(bias=true_bias().astype(np.float32),
+                          flats={"g": true_flat("g").astype(np.float32)})
+    one, log_one = red.calibrate_lights(lights, cal, tmp_path / "one", workers=1)
+    two, log_two = red.calibrate_lights(lights, cal, tmp_path / "two", workers=2)
+    assert list(one["file"]) == list(two["file"]) and len(one) >= 1
+    assert log_one.skipped == log_two.skipped and len(log_one.skipped) == 1
+    for name in one["file"]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
 def test_overexposed_flats_are_skipped(tmp_path):
     paths = [write_raw(tmp_path / f"flat_{i}.fits", np.full(SHAPE, level), IMAGETYP="FLAT",
                        EXPTIME=1.0, FILTER="g")
