@@ -7,10 +7,14 @@ from concurrent.futures import ProcessPoolExecutor
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far, bytes (``ru_maxrss`` is KiB on Linux)."""
+    """Peak resident memory of this process so far plus that of its largest finished child
+    (a worker of :func:`datared.parallel.map_frames`), bytes (``ru_maxrss`` is KiB on
+    Linux). With n workers the whole loop may hold up to n such children at once."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + children) * 1024
 
 
 def in_fresh_process(function, *args):

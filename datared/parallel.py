@@ -10,8 +10,8 @@ logs and files are the same whatever the number of workers:
   ``shared`` (master frames, a reference catalogue, settings) is sent once to each worker,
   not with every item;
 - errors listed in ``catch`` (what a bad frame raises) come back as the outcome's ``error``
-  for the caller to skip and log; any other exception is a bug and stops the loop, raised
-  again in the calling process;
+  for the caller to skip and log; those in ``stop`` (a missing master frame) and any other
+  exception (a bug) stop the loop, raised again in the calling process;
 - with one worker, or one item, the loop runs in the calling process (no pool).
 
 Each worker holds one frame at a time, so the memory a loop needs grows with the number of
@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-from datared.errors import FRAME_ERRORS
+from datared.errors import FRAME_ERRORS, MissingInputError
 from datared.progress import progress
 
 #: Modules the worker processes import before the first frame arrives.
@@ -75,10 +75,12 @@ def _install(shared: Any, filters: list) -> None:
     warnings.filters[:] = filters
 
 
-def _run(task: tuple[Callable, Any, tuple[type[BaseException], ...]]):
-    function, item, catch = task
+def _run(task: tuple):
+    function, item, catch, stop = task
     try:
         return True, function(item, _SHARED)
+    except stop:
+        raise
     except catch as err:
         return False, err
 
@@ -86,6 +88,7 @@ def _run(task: tuple[Callable, Any, tuple[type[BaseException], ...]]):
 def map_frames(function: Callable[[Any, Any], Any], items: Iterable, *, shared: Any = None,
                workers: int | None = None, desc: str = "frames", unit: str = "frame",
                catch: tuple[type[BaseException], ...] = FRAME_ERRORS,
+               stop: tuple[type[BaseException], ...] = (MissingInputError,),
                show_progress: bool = True) -> Iterator[Outcome]:
     """Call ``function(item, shared)`` for every item, in parallel; yield :class:`Outcome`
     in the order of ``items``.
@@ -98,17 +101,21 @@ def map_frames(function: Callable[[Any, Any], Any], items: Iterable, *, shared: 
     workers : number of processes (:func:`resolve_workers`: None or 0 for all cores).
     desc, unit : the progress bar's label and unit.
     catch : exceptions that mean "skip this item" (:data:`datared.errors.FRAME_ERRORS`).
+    stop : exceptions that stop the loop although ``catch`` holds them: by default a missing
+        input of an earlier chapter (a master frame), which no frame could get past.
     show_progress : draw a progress bar (:func:`datared.progress.progress`).
     """
     items: Sequence = list(items)
     n_workers = min(resolve_workers(workers), len(items))
-    catch = tuple(catch)
+    catch, stop = tuple(catch), tuple(stop)
     bar = progress(total=len(items), desc=desc, unit=unit, disable=not show_progress)
     try:
         if n_workers <= 1:
             for item in items:
                 try:
                     outcome = Outcome(item, function(item, shared), None)
+                except stop:
+                    raise
                 except catch as err:
                     outcome = Outcome(item, None, err)
                 bar.update(1)
@@ -118,7 +125,7 @@ def map_frames(function: Callable[[Any, Any], Any], items: Iterable, *, shared: 
         context.set_forkserver_preload(list(PRELOAD))
         with context.Pool(n_workers, initializer=_install,
                           initargs=(shared, list(warnings.filters))) as pool:
-            tasks = ((function, item, catch) for item in items)
+            tasks = ((function, item, catch, stop) for item in items)
             for item, (ok, value) in zip(items, pool.imap(_run, tasks, chunksize=1),
                                          strict=True):
                 bar.update(1)

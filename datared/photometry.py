@@ -783,21 +783,29 @@ def measure_file(task: tuple, shared: dict) -> Path:
     Parameters
     ----------
     task : (frame path, catalogue path, calibration key): the key (filter, exposure time)
-        selects the frame's :class:`~datared.reduction.CalibrationTerms` in ``shared``.
+        selects the frame's master frames.
     shared : ``reference`` (the target's reference catalogue), ``target`` (its name),
-        ``calibrations`` (terms by key, loaded by the caller so that a missing master frame
-        stops the chapter instead of skipping every frame) and ``options`` (the other
-        keyword arguments of :func:`measure_frame`, with ``radii_arcsec``).
+        ``work_dir`` (where chapter 02 wrote the masters) and ``options`` (the other keyword
+        arguments of :func:`measure_frame`, with ``radii_arcsec`` and ``keys``). The
+        :class:`~datared.reduction.CalibrationTerms` of each key are read once per process
+        and kept in ``shared["calibrations"]``; a missing master raises
+        :class:`~datared.errors.MissingInputError`, which
+        :func:`datared.parallel.map_frames` lets stop the loop.
 
     The catalogue's metadata name the reference catalogue (``REFCAT``) and the target as the
     settings spell it (``OBJECT``; the header's spelling, if different, in ``HDROBJ``).
     """
     from datared.frame import read_frame
+    from datared.reduction import load_calibration_terms
 
     path, output, key = task
     target = shared["target"]
+    terms = shared.setdefault("calibrations", {})
+    if key not in terms:
+        terms[key] = load_calibration_terms(shared["work_dir"], *key,
+                                            keys=shared["options"]["keys"])
     frame = read_frame(path)
-    table = measure_frame(frame, shared["reference"], calibration=shared["calibrations"][key],
+    table = measure_frame(frame, shared["reference"], calibration=terms[key],
                           **shared["options"])
     table.meta["REFCAT"] = reference_catalog_name(target)
     if table.meta.get("OBJECT") != target:  # the header spells it otherwise

@@ -241,10 +241,68 @@ def combine_mem_limit(shape: tuple[int, int], *, memory_budget: float, dtype=np.
     return float(limit)
 
 
+#: Engines of :func:`combine_files`: the book's own vectorised combine (default) and
+#: ``ccdproc.combine``; they give the same result (tests/test_reduction.py).
+COMBINE_ENGINES = ("datared", "ccdproc")
+
+#: astropy's ``mad_std``: the median absolute deviation times this is the standard deviation
+#: of a normal distribution.
+MAD_TO_STD = 1.482602218505602
+
+
+def clipped_combine(stack: np.ndarray, *, method: str = "average", sigma_low: float = 5.0,
+                    sigma_high: float = 5.0) -> np.ndarray:
+    """Per-pixel combine of a stack of frames (axis 0) after one pass of outlier rejection.
+
+    The rejection of ``ccdproc.combine(..., sigma_clip=True, sigma_clip_func=median,
+    sigma_clip_dev_func=mad_std)``: a value further than ``sigma_low``/``sigma_high`` times
+    the pixel's MAD standard deviation below/above the pixel's median is left out; the rest
+    are averaged (``method="average"``, summed in float64) or their median is taken. NaN
+    values count as missing. Partitioning the stack gives the medians' order statistics
+    without sorting, which makes this several times faster than ccdproc on full frames
+    (``benchmarks/bench_night.py``).
+    """
+    if method not in ("average", "median"):
+        raise ValueError(f"method must be 'average' or 'median', got {method!r}")
+    stack = np.asarray(stack, dtype=np.float32)
+    if np.isfinite(stack).all():
+        # Every pixel has all the frames: the two middle order statistics by partitioning
+        # (the mean of the two, in float32 as numpy's median of float32 data).
+        middle = [(len(stack) - 1) // 2, len(stack) // 2]
+        part = np.partition(stack, middle, axis=0)
+        centre = (part[middle[0]] + part[middle[1]]) / np.float32(2.0)
+        part = np.partition(np.abs(stack - centre), middle, axis=0)
+        spread = (part[middle[0]] + part[middle[1]]) / np.float32(2.0) * np.float32(MAD_TO_STD)
+        del part
+    else:  # missing values: sort (NaNs go last) and take the middle of the finite ones
+        ordered = np.sort(stack, axis=0)
+        n = np.sum(np.isfinite(ordered), axis=0)
+
+        def median_of_sorted(values, count):
+            low = np.take_along_axis(values, np.maximum((count - 1) // 2, 0)[None], axis=0)[0]
+            high = np.take_along_axis(values, np.maximum(count // 2, 0)[None], axis=0)[0]
+            return np.where(count > 0, (low + high) / np.float32(2.0), np.float32(np.nan))
+
+        centre = median_of_sorted(ordered, n)
+        deviation = np.sort(np.abs(ordered - centre[None]), axis=0)
+        spread = median_of_sorted(deviation, n) * np.float32(MAD_TO_STD)
+        del ordered, deviation
+    with np.errstate(invalid="ignore"):
+        keep = ((stack >= centre - np.float32(sigma_low) * spread)
+                & (stack <= centre + np.float32(sigma_high) * spread))
+    if method == "median":
+        kept = np.where(keep, stack, np.float32(np.nan))
+        return np.nanmedian(kept, axis=0).astype(np.float32)
+    total = np.sum(np.where(keep, stack, np.float32(0.0)), axis=0, dtype=np.float64)
+    count = np.count_nonzero(keep, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan).astype(np.float32)
+
+
 def combine_files(paths: Iterable[str | Path], *, memory_budget: float,
                   method: str = "average", sigma_low: float = 5.0, sigma_high: float = 5.0,
-                  dtype=np.float32) -> CCDData:
-    """Sigma-clipped combine of FITS files with ``ccdproc.combine``, tiled to fit a memory budget.
+                  dtype=np.float32, engine: str = "datared") -> CCDData:
+    """Sigma-clipped combine of FITS files, in strips that fit a memory budget.
 
     Pixels further than ``sigma_low``/``sigma_high`` robust standard deviations (MAD) from the
     per-pixel median of the stack are rejected before averaging.
@@ -256,15 +314,47 @@ def combine_files(paths: Iterable[str | Path], *, memory_budget: float,
     method : "average" or "median".
     sigma_low, sigma_high : clipping thresholds in robust standard deviations.
     dtype : working dtype of the combine.
+    engine : ``"datared"`` (:func:`clipped_combine` on strips read from the files) or
+        ``"ccdproc"`` (``ccdproc.combine`` with its own tiling, the same result, slower).
     """
-    import ccdproc
-
+    if engine not in COMBINE_ENGINES:
+        raise ValueError(f"combine_files: engine must be one of {COMBINE_ENGINES}, got "
+                         f"{engine!r}")
     paths = [str(p) for p in paths]
     if not paths:
         raise ValueError("combine_files: no frames to combine.")
     header = fits.getheader(paths[0])
     shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
     mem_limit = combine_mem_limit(shape, memory_budget=memory_budget, dtype=dtype)
+    if engine == "ccdproc":
+        combined = _ccdproc_combine(paths, method, sigma_low, sigma_high, dtype, mem_limit)
+    else:
+        # The stack of a strip, its sorted copy, the deviations and the masks: about five
+        # copies of the strip's stack.
+        rows = max(1, int(mem_limit // (5 * len(paths) * shape[1] * 4)))
+        data = np.empty(shape, dtype=np.float32)
+        hdus = [fits.open(path) for path in paths]
+        try:
+            for start in range(0, shape[0], rows):
+                strip = slice(start, min(start + rows, shape[0]))
+                # .section reads only these rows from the file (scaled integers too)
+                stack = np.stack([np.asarray(h[0].section[strip], dtype=np.float32)
+                                  for h in hdus])
+                data[strip] = clipped_combine(stack, method=method, sigma_low=sigma_low,
+                                              sigma_high=sigma_high)
+        finally:
+            for h in hdus:
+                h.close()
+        combined = CCDData(data, unit="adu", meta=header)
+    combined.data = combined.data.astype(np.float32, copy=False)
+    combined.meta["NCOMBINE"] = len(paths)
+    return combined
+
+
+def _ccdproc_combine(paths, method, sigma_low, sigma_high, dtype, mem_limit) -> CCDData:
+    """``ccdproc.combine`` of files with combine_files' rejection, its log and warnings quiet."""
+    import ccdproc
+
     ccdproc_log = logging.getLogger("astropy")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", VerifyWarning)
@@ -274,7 +364,7 @@ def combine_files(paths: Iterable[str | Path], *, memory_budget: float,
         level = ccdproc_log.level
         ccdproc_log.setLevel(logging.WARNING)  # silence "splitting each image into N chunks"
         try:
-            combined = ccdproc.combine(
+            return ccdproc.combine(
                 paths,
                 method=method,
                 mem_limit=mem_limit,
@@ -288,9 +378,6 @@ def combine_files(paths: Iterable[str | Path], *, memory_budget: float,
             )
         finally:
             ccdproc_log.setLevel(level)
-    combined.data = combined.data.astype(np.float32, copy=False)
-    combined.meta["NCOMBINE"] = len(paths)
-    return combined
 
 
 def stage_frames(paths: Iterable[str | Path], process: Callable[[CCDData], CCDData], *,
@@ -300,7 +387,7 @@ def stage_frames(paths: Iterable[str | Path], process: Callable[[CCDData], CCDDa
                  desc: str = "staging") -> list[Path]:
     """Read, process and write frames as float32 files in ``scratch_dir``; return their paths.
 
-    Writing processed frames to disk lets ``ccdproc.combine`` read them tile by tile, so
+    Writing processed frames to disk lets :func:`combine_files` read them strip by strip, so
     memory does not grow with the number of frames. A frame that cannot be read, or that
     ``check`` rejects (it returns a reason), is skipped and recorded in ``skip_log``.
 

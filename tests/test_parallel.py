@@ -55,3 +55,19 @@ def test_a_bug_is_not_caught(workers):
     with pytest.raises(KeyError, match="a bug"):
         list(map_frames(_square_or_fail, [1, 99, 2], shared={"scale": 1.0}, workers=workers,
                         show_progress=False))
+
+
+def _needs_a_master(item, shared):
+    from datared.errors import MissingInputError
+
+    if item == 2:
+        raise MissingInputError("masterflat_r.fits is missing: run 02-pre-reduction")
+    return item
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_missing_master_stops_the_loop(workers):
+    from datared.errors import MissingInputError
+
+    with pytest.raises(MissingInputError, match="run 02-pre-reduction"):
+        list(map_frames(_needs_a_master, [1, 2, 3], workers=workers, show_progress=False))

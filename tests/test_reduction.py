@@ -185,9 +185,31 @@ def test_combine_tiles_give_the_same_result(tmp_path, monkeypatch):
     monkeypatch.setattr(ccdproc.combiner, "Combiner", CountingCombiner)
     # Leave 20 kB for the stack of tiles: ccdproc must split the frames into strips.
     monkeypatch.setattr(red, "combine_mem_limit", lambda *args, **kwargs: 20_000.0)
-    tiled = red.combine_files(paths, memory_budget=BIG)
+    tiled = red.combine_files(paths, memory_budget=BIG, engine="ccdproc")
     assert len(tiles) > 4
     np.testing.assert_allclose(tiled.data, whole.data, rtol=1e-6)
+    strips = red.combine_files(paths, memory_budget=BIG)  # the book's engine, in strips too
+    np.testing.assert_array_equal(strips.data, whole.data)
+
+
+@pytest.mark.parametrize("method", ["average", "median"])
+def test_the_books_combine_equals_ccdproc(tmp_path, method):
+    rng = np.random.default_rng(5)
+    paths = []
+    for i in range(7):
+        data = (500.0 + rng.normal(0, 3.0, SHAPE)).astype(np.float32)
+        hits = rng.random(SHAPE) < 0.02
+        data[hits] += rng.uniform(50, 5000, hits.sum())  # cosmic rays of every size
+        if i == 0:
+            data[:, 3] += 40.0  # a column that is off in one frame only
+        paths.append(tmp_path / f"f{i}.fits")
+        fits.writeto(paths[-1], data, fits.Header({"BUNIT": "adu"}))
+    ours = red.combine_files(paths, memory_budget=BIG, method=method)
+    theirs = red.combine_files(paths, memory_budget=BIG, method=method, engine="ccdproc")
+    np.testing.assert_allclose(ours.data, theirs.data, rtol=1e-6, atol=1e-4)
+    assert ours.meta["NCOMBINE"] == theirs.meta["NCOMBINE"] == 7
+    with pytest.raises(ValueError, match="engine must be one of"):
+        red.combine_files(paths, memory_budget=BIG, engine="numpy")
 
 
 def test_combine_mem_limit_leaves_room_for_the_process():
