@@ -496,6 +496,39 @@ def test_reference_and_forced_photometry_across_a_rotated_frame(tmp_path):
     assert list(table_flip["id"]) == list(reference["id"])
 
 
+def test_measure_file_gives_the_same_catalogues_with_two_workers(tmp_path):
+    from datared.parallel import map_frames
+
+    shape = (200, 220)
+    image, _ = synthetic_star_field(shape, 25, fwhm_pix=3.5, sky_adu=200.0, margin=15,
+                                    flux_range_adu=(5e3, 1e5), seed=4)
+    wcs = simple_wcs(shape)
+    paths = [write_frame(tmp_path / f"f{i}.fits", image + i, wcs, OBJECT="Test field")
+             for i in range(3)]
+    broken = tmp_path / "broken.fits"
+    broken.write_bytes(paths[0].read_bytes()[:4000])
+    reference = ph.reference_catalog(read_frame(paths[0]), fwhm_pix=3.5, max_radius_arcsec=3.0,
+                                     gain_e_per_adu=1.0)
+    key = ("r", 60.0)
+    written = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        tasks = [(p, out / p.name, key) for p in [*paths, broken]]
+        shared = {"target": "TEST", "reference": reference, "work_dir": tmp_path,
+                  "calibrations": {key: CalibrationTerms(bias=0.0, dark=0.0, flat=1.0)},
+                  "options": {"radii_arcsec": [3.0], "gain_e_per_adu": 1.0,
+                              "read_noise_e": 5.0, "saturation_adu": 6e4,
+                              "measure_fwhm": True}}
+        outcomes = list(map_frames(ph.measure_file, tasks, shared=shared, workers=workers,
+                                   show_progress=False))
+        assert [o.error is None for o in outcomes] == [True, True, True, False]
+        written[workers] = [o.value.read_bytes() for o in outcomes[:3]]
+        table = QTable.read(outcomes[0].value)
+        assert table.meta["OBJECT"] == "TEST" and table.meta["HDROBJ"] == "Test field"
+        assert table.meta["REFCAT"] == "ref_catalog_TEST.fits"
+    assert written[1] == written[2]
+
+
 def test_frames_without_wcs_or_overlap_are_refused(tmp_path):
     image, _ = synthetic_star_field((100, 100), 5, seed=1)
     reference = QTable()
