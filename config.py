@@ -96,7 +96,8 @@ binning_key: str | None = None
 #: the flats name their filter in FILTNAME and the other frames in filter_key.
 header_overrides: dict = {}
 
-#: Values of ``imagetyp_key`` for each kind of frame. Other software writes e.g.
+#: Values of ``imagetyp_key`` for each kind of frame, matched ignoring case; an entry may
+#: be a list of values, e.g. "light": ["LIGHT", "Light Frame"]. Other software writes e.g.
 #: "Bias Frame", "Dark Frame", "Flat Field", "Light Frame": put those here. A night without
 #: an image-type keyword may use imagetyp_key = object_key when OBJECT says 'bias', 'flat'...
 imagetyp = {"bias": "BIAS", "dark": "DARK", "flat": "FLAT", "light": "LIGHT"}

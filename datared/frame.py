@@ -469,6 +469,29 @@ def frame_binning(header, keys: HeaderKeys = NINA_KEYS, *,
             int(number_value(header, keys, "ybinning", file=file)))
 
 
+def image_type_values(setting) -> list[str]:
+    """The header values that one entry of ``config.imagetyp`` accepts: a text or a list of
+    texts (``"LIGHT"``, ``["LIGHT", "Light Frame"]``)."""
+    values = [setting] if isinstance(setting, str) else list(setting)
+    if not values or not all(isinstance(value, str) for value in values):
+        raise ValueError(f"config.imagetyp: each entry must be a text or a list of texts, "
+                         f"got {setting!r}")
+    return values
+
+
+def frame_kind(value, imagetyp: dict) -> str | None:
+    """The kind of frame (a key of ``config.imagetyp``: "bias", "dark", "flat", "light")
+    whose value, or one of whose values, the header value ``value`` is, ignoring case and
+    surrounding spaces (``'Light Frame'``, ``'light'``); None for another value or none."""
+    if value is None or np.ma.is_masked(value):
+        return None
+    wanted = str(value).strip().casefold()
+    for kind, setting in imagetyp.items():
+        if any(wanted == text.strip().casefold() for text in image_type_values(setting)):
+            return kind
+    return None
+
+
 def _name_form(text: str) -> str:
     """A name for comparison: lower case, without spaces, '-' and '_'."""
     return re.sub(r"[\s_\-]+", "", str(text)).lower()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +34,15 @@ from astropy.table import Table
 from astropy.wcs import FITSFixedWarning
 
 from datared.errors import FRAME_ERRORS, FrameError
-from datared.frame import NINA_KEYS, HeaderKeys, hdu_data, number_value, text_value, write_frame
+from datared.frame import (
+    NINA_KEYS,
+    HeaderKeys,
+    hdu_data,
+    image_type_values,
+    number_value,
+    text_value,
+    write_frame,
+)
 from datared.io import SkipLog, output_name, require
 from datared.progress import progress as progress_bar
 
@@ -113,7 +121,7 @@ def read_raw(path: str | Path, *, overscan_section: str | None = None,
     return ccd
 
 
-def frames_of_type(collection, imagetyp_key: str, imagetyp_value: str,
+def frames_of_type(collection, imagetyp_key: str, imagetyp_value: str | Sequence[str],
                    **keyword_values) -> list[Path]:
     """Absolute paths of the frames of one image type (and other header values) in a collection.
 
@@ -121,16 +129,20 @@ def frames_of_type(collection, imagetyp_key: str, imagetyp_value: str,
     ----------
     collection : ``ccdproc.ImageFileCollection`` from ``datared.io.night_collection``.
     imagetyp_key : header keyword of the image type (``config.imagetyp_key``).
-    imagetyp_value : its value for the wanted frames (``config.imagetyp["flat"]``).
+    imagetyp_value : its value for the wanted frames (``config.imagetyp["flat"]``), or a
+        list of values (``["FLAT", "Flat Field"]``); any of them matches.
     keyword_values : further keyword=value filters (e.g. ``FILTER="r"``); values match
         case-insensitively as in ``ImageFileCollection.files_filtered``.
     """
     if collection.summary is None or len(collection.summary) == 0:
         return []
-    if imagetyp_key.lower() not in collection.summary.colnames:
+    if imagetyp_key.lower() not in {name.lower() for name in collection.summary.colnames}:
         return []
-    filters = {imagetyp_key: imagetyp_value, **keyword_values}
-    return sorted(Path(p) for p in collection.files_filtered(include_path=True, **filters))
+    found: set[Path] = set()
+    for value in image_type_values(imagetyp_value):
+        filters = {imagetyp_key: value.strip(), **keyword_values}
+        found.update(Path(p) for p in collection.files_filtered(include_path=True, **filters))
+    return sorted(found)
 
 
 # ---------------------------------------------------------------------------------------

@@ -160,6 +160,26 @@ def _merged_table(file: Path, name: str, value, default: dict) -> dict:
     return merged
 
 
+def _image_types(file: Path, value, default: dict) -> dict:
+    """config.py's ``imagetyp`` with the file's entries: each a text or a list of texts."""
+    if not isinstance(value, dict):
+        raise SettingsFileError(
+            f"settings file {file}: imagetyp must be a table, not {_describe(value)}: write "
+            "[imagetyp] on a line of its own and below it e.g. light = \"LIGHT\" or "
+            "light = [\"LIGHT\", \"Light Frame\"].")
+    merged = dict(default)
+    for kind, item in value.items():
+        if kind not in default:
+            raise _unknown_key(file, kind, default, table="imagetyp")
+        texts = item if isinstance(item, list) else [item]
+        if not texts or not all(isinstance(text, str) for text in texts):
+            raise SettingsFileError(
+                f"settings file {file}: imagetyp.{kind} must be a text or a list of texts "
+                f"(the header values of {kind} frames), not {_describe(item)}.")
+        merged[kind] = item
+    return merged
+
+
 def _replaced_targets(file: Path, value, default: dict) -> dict:
     """The file's targets (replacing config.py's whole), each key checked against config.py's.
 
@@ -274,6 +294,8 @@ def apply_settings_file(settings: dict, name: str, *, sample_night_name) -> None
             raise _unknown_key(file, key, known, value=value)
         if key in _REPLACED_TABLES:
             values[key] = _replaced_targets(file, value, before[key])
+        elif key == "imagetyp":
+            values[key] = _image_types(file, value, before[key])
         elif key == "header_overrides":
             values[key] = _header_overrides(
                 file, value, list(before.get("imagetyp", {})),

@@ -8,7 +8,9 @@ replaces the link). The conventions are set by a settings file (DATARED_CONFIG) 
 - OBJECT spelled in other ways (target ``aliases``, case, spaces, '-', '_', a filter name);
 - no image-type keyword (``imagetyp_key = object_key``);
 - the flats' filter in FILTNAME (``header_overrides``) and the binning in CCDSUM
-  (``binning_key``).
+  (``binning_key``);
+- image types in other words and cases (``Bias Frame``, ``Light Frame`` and ``light`` in
+  one night: ``imagetyp`` values matched ignoring case, a list for the lights).
 """
 
 from __future__ import annotations
@@ -173,6 +175,12 @@ def test_chapters_02_to_04_with_type_overrides_ccdsum_times_and_aliases(night_di
 
     for path in (night / "FLAT").glob("*.fits"):
         rewrite(path, flat_edit)
+
+    def bias_edit(header):  # MaxIm DL's value, matched to the setting whatever its case
+        header["IMAGETYP"] = "Bias Frame"
+
+    for path in (night / "BIAS").glob("*.fits"):
+        rewrite(path, bias_edit)
     truth = {}
     spellings = {"M37": ["M 37 r", "NGC2099", "m37_R"],
                  "WASP-104": ["WASP 104", "wasp-104", "WASP_104r", "WASP104"]}
@@ -182,14 +190,21 @@ def test_chapters_02_to_04_with_type_overrides_ccdsum_times_and_aliases(night_di
         spelling = spellings[target].pop(0)
         truth[path.stem] = (target, spelling, header["DATE-OBS"])
 
-        def edit(header, spelling=spelling):
+        image_type = "Light Frame" if len(truth) % 2 else "light"
+
+        def edit(header, spelling=spelling, image_type=image_type):
             header["DATE-OBS"], header["TIME-OBS"] = local_date_and_time(header, -7.0)
             header["OBJECT"] = spelling
             header["CCDSUM"] = f"{header.pop('XBINNING')} {header.pop('YBINNING')}"
+            header["IMAGETYP"] = image_type  # two values for one type: a list in the settings
         rewrite(path, edit)
     config_file = settings_file(tmp_path / "settings", '''
 time_key = "TIME-OBS"
 binning_key = "CCDSUM"
+
+[imagetyp]
+bias = "BIAS FRAME"
+light = ["LIGHT", "Light Frame"]
 
 [header_overrides.flat]
 filter_key = "FILTNAME"

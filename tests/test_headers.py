@@ -182,3 +182,46 @@ aliases = ["M 37", "NGC2099"]
 def test_settings_file_rejects_wrong_header_settings(load_config, text, match):
     with pytest.raises(SettingsFileError, match=match):
         load_config(text)
+
+
+def test_image_types_match_ignoring_case_and_as_lists():
+    from datared.frame import frame_kind, image_type_values
+
+    imagetyp = {"bias": "BIAS", "dark": ["DARK", "Dark Frame"], "flat": "Flat Field",
+                "light": ["LIGHT", "Light Frame"]}
+    assert frame_kind("light frame", imagetyp) == "light"
+    assert frame_kind(" Light Frame ", imagetyp) == "light"
+    assert frame_kind("bias", imagetyp) == "bias"
+    assert frame_kind("FLAT FIELD", imagetyp) == "flat"
+    assert frame_kind("Tricolor Image", imagetyp) is None
+    assert frame_kind(None, imagetyp) is None
+    assert image_type_values("BIAS") == ["BIAS"]
+    with pytest.raises(ValueError, match="a text or a list of texts"):
+        image_type_values([3])
+
+
+def test_frames_of_type_takes_a_list_of_values(tmp_path):
+    import numpy as np
+    from astropy.io import fits
+
+    from datared.io import night_collection
+    from datared.reduction import frames_of_type
+
+    for name, value in (("a.fits", "LIGHT"), ("b.fits", "Light Frame"), ("c.fits", "light"),
+                        ("d.fits", "Bias Frame")):
+        fits.writeto(tmp_path / name, np.zeros((4, 4), np.float32),
+                     fits.Header({"IMAGETYP": value}))
+    collection = night_collection(tmp_path)
+    lights = frames_of_type(collection, "IMAGETYP", ["LIGHT", "Light Frame"])
+    assert [p.name for p in lights] == ["a.fits", "b.fits", "c.fits"]
+    assert [p.name for p in frames_of_type(collection, "IMAGETYP", "bias frame")] == ["d.fits"]
+
+
+def test_a_settings_file_may_list_image_type_values(load_config):
+    from datared.settings import SettingsFileError
+
+    config = load_config('[imagetyp]\nlight = ["LIGHT", "Light Frame"]\nbias = "Bias Frame"\n')
+    assert config.imagetyp["light"] == ["LIGHT", "Light Frame"]
+    assert config.imagetyp["bias"] == "Bias Frame" and config.imagetyp["flat"] == "FLAT"
+    with pytest.raises(SettingsFileError, match="imagetyp.light must be a text or a list"):
+        load_config("[imagetyp]\nlight = [1, 2]\n")
