@@ -237,6 +237,10 @@ combine_memory_budget = 2_000_000_000
 #: every core, a negative number leaves that many cores free, 1 runs one loop in the
 #: notebook's own process. Each worker holds one frame: memory grows with the number.
 workers = 0
+#: Per-frame figures written to work_dir/figures (chapter 03's residual plots): "all"
+#: frames, "some" (the first frame of each target, filter and pier side, and the worst) or
+#: "none". A figure costs more than the frame's astrometry on a full-size frame.
+per_frame_figures = "some"
 
 #: Pre-reduction options (chapter 02). Clean cosmic rays from every calibrated science
 #: frame with L.A.Cosmic (slow on full frames; the chapter always shows it on a cut-out).

@@ -8,8 +8,9 @@ peak resident memory is reported) with the calls of the notebooks:
   ``build_master_flat``), then ``calibrate_lights`` on the science frames with the
   notebook's arguments; the original course: a plain ccdproc loop (``CCDData.read``,
   ``subtract_bias``, ``subtract_dark``, ``flat_correct``, ``write``) with the same masters.
-- 03: ``solve.solve_frame`` with the pure-Python backend (pattern match and TAN-SIP fit of
-  degree 3), ``write_solved`` and the residual figure; the original course: two-pass
+- 03: ``solve.solve_file`` with the pure-Python backend in ``config.workers`` processes
+  (pattern match and TAN-SIP fit of degree 3), ``write_solved`` and the residual figures of
+  chapter 03's default (a few frames); the original course: two-pass
   ``solve-field`` (``astrometry_net.solve_field``), only where ``solve-field`` is installed.
 - 04: ``photometry.frame_quality`` and ``photometry.measure_frame`` (two-pass background,
   forced photometry, FWHM) on every solved frame, with one ``reference_catalog`` per
@@ -225,14 +226,16 @@ def _catalogs(names: list[str], prered: Path) -> tuple[dict, dict]:
 
 
 def ch03_ours(work: str, names: list[str]) -> dict:
-    """Chapter 03's loop: read, solve (pure Python, TAN-SIP), write, residual figure."""
+    """Chapter 03 as the notebook: every frame solved in parallel (pure Python, TAN-SIP) and
+    written; residual figures of the first frame of each target and of the worst frame."""
     import numpy as np
+    from astropy.io import fits
     from matplotlib.figure import Figure
 
     import config
     from datared import solve as slv
     from datared import wcsfit
-    from datared.frame import read_frame
+    from datared.parallel import map_frames
 
     _quiet()
     work_path = Path(work)
@@ -244,24 +247,33 @@ def ch03_ours(work: str, names: list[str]) -> dict:
     setup = time.perf_counter()
     reference, target_of_frame = _catalogs(names, prered)
     setup_s = time.perf_counter() - setup
-    solved, rms = [], []
     start = time.perf_counter()
-    for name in names:
-        frame = read_frame(prered / name)
-        sol = slv.solve_frame(frame, reference[target_of_frame[name]], settings=settings,
-                              backend="python", saturation_adu=0.9 * config.saturation_adu
-                              - float(np.nanmedian(frame.data)))
+    shared = {"catalogs": reference, "index_configs": {}, "settings": settings,
+              "backend": "python", "saturation_adu": 0.9 * config.saturation_adu}
+    tasks = [(prered / name, target_of_frame[name]) for name in names]
+    solutions = [o.value for o in map_frames(slv.solve_file, tasks, shared=shared,
+                                             workers=config.workers, desc="astrometry")
+                 if o.error is None and o.value.success]
+    solve_s = time.perf_counter() - start
+    drawn = {next(s.file for s in solutions if target_of_frame[s.file] == t)
+             for t in {target_of_frame[s.file] for s in solutions}}
+    if solutions:
+        drawn.add(max(solutions, key=lambda s: s.rms_px).file)
+    solved, rms = [], []
+    for sol in solutions:
         if not sol.success:
             continue
-        slv.write_solved(prered / name, out_dir / name, sol)
-        solved.append(name)
+        slv.write_solved(prered / sol.file, out_dir / sol.file, sol)
+        solved.append(sol.file)
         rms.append(float(sol.rms_arcsec))
-        if sol.matched is not None and len(sol.matched):
+        if sol.file in drawn and sol.matched is not None and len(sol.matched):
             fig = Figure(figsize=(7, 5))
-            wcsfit.plot_residuals(fig.add_subplot(), sol.matched, frame.data.shape)
-            fig.savefig(fig_dir / f"{Path(name).stem}_residuals.png", dpi=80)
+            wcsfit.plot_residuals(fig.add_subplot(), sol.matched,
+                                  fits.getdata(prered / sol.file).shape)
+            fig.savefig(fig_dir / f"{Path(sol.file).stem}_residuals.png", dpi=80)
     seconds = time.perf_counter() - start
-    return {"frames": len(names), "solved": solved, "seconds": seconds, "setup_s": setup_s,
+    return {"frames": len(names), "solved": solved, "seconds": seconds, "solve_s": solve_s,
+            "setup_s": setup_s,
             "median_rms_arcsec": float(np.median(rms)) if rms else float("nan"),
             "peak_rss": peak_rss_bytes()}
 

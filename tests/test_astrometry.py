@@ -298,3 +298,33 @@ def test_solve_field_two_passes(tmp_path, field):
     err = wcsfit.grid_errors(sol.wcs, wcs, SHAPE)
     assert np.sqrt(np.mean(err**2)) < 0.1
     assert err.max() < 0.3
+
+
+def test_solve_file_in_workers_gives_the_same_solutions(tmp_path, field):
+    from datared.parallel import map_frames
+
+    rng, catalog = field
+    wcs = true_wcs()
+    paths = []
+    for i in range(3):
+        image = render(rng, wcs, catalog).astype(np.float32)
+        paths.append(tmp_path / f"f{i}.fits")
+        fits.writeto(paths[-1], image, frame_header(RA0, DEC0))
+    (tmp_path / "bad.fits").write_bytes(paths[0].read_bytes()[:3000])  # truncated
+    shared = {"catalogs": {"T": catalog}, "index_configs": {}, "backend": "python",
+              "settings": slv.SolverSettings(scale_arcsec=SCALE), "saturation_adu": 6e4}
+    tasks = [(p, "T") for p in [*paths, tmp_path / "bad.fits"]]
+    results = {}
+    for workers in (1, 2):
+        outcomes = list(map_frames(slv.solve_file, tasks, shared=shared, workers=workers,
+                                   show_progress=False))
+        assert [o.error is None for o in outcomes] == [True, True, True, False]
+        assert all(o.value.success for o in outcomes[:3])
+        results[workers] = [o.value.wcs for o in outcomes[:3]]
+    # The same fit; a worker process may round differently in the last bits (the order in
+    # which it loaded its libraries), so the WCS agree to rounding, not byte for byte.
+    for one, two in zip(results[1], results[2], strict=True):
+        np.testing.assert_allclose(one.sip.a, two.sip.a, rtol=1e-9, atol=1e-25)
+        np.testing.assert_allclose(one.wcs.crval, two.wcs.crval, rtol=1e-12)
+        assert np.max(wcsfit.grid_errors(one, two, SHAPE)) < 1e-6  # the inversion's own tolerance
+    assert slv.sky_level(np.full((40, 40), 7.0)) == 7.0
