@@ -20,6 +20,7 @@ workers (``config.workers``).
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import warnings
@@ -43,12 +44,37 @@ class Outcome(NamedTuple):
     error: BaseException | None
 
 
-def available_cores() -> int:
-    """Cores this process may run on (the affinity mask where the system has one)."""
+def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this container in cores (Linux cgroup v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us``), or None where there is none. A container (Binder, CI) often sees
+    every core of its host but may use only a few."""
+    from pathlib import Path
+
+    root = Path(root)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else float(quota) / float(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = float((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = float((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores() -> int:
+    """Cores this process may run on: the affinity mask (where the system has one), capped
+    by the container's CPU quota (:func:`cgroup_cpu_limit`, rounded up)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, math.ceil(limit))
+    return max(1, cores)
 
 
 def resolve_workers(workers: int | None) -> int:

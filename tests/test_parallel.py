@@ -71,3 +71,20 @@ def test_a_missing_master_stops_the_loop(workers):
 
     with pytest.raises(MissingInputError, match="run 02-pre-reduction"):
         list(map_frames(_needs_a_master, [1, 2, 3], workers=workers, show_progress=False))
+
+
+def test_a_container_cpu_quota_caps_the_cores(tmp_path):
+    from datared.parallel import cgroup_cpu_limit
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 2.0
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    assert cgroup_cpu_limit(tmp_path / "nowhere") is None
