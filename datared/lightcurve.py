@@ -689,7 +689,11 @@ class TransitFit:
             raise FitError(f"the least-squares start is outside the physical limits "
                              f"({'; '.join(problems)}); start from the priors' centres and "
                              "check the priors in config.targets")
-        result = least_squares(residuals, np.zeros(len(start)), jac=jacobian, method="trf")
+        # Steps are in units of a typical uncertainty, so a change below 1e-4 of them ends the
+        # fit: batman's integration noise (about 1 ppm) keeps the cost from settling to the
+        # default relative 1e-8, and the fit would run to its evaluation limit instead.
+        result = least_squares(residuals, np.zeros(len(start)), jac=jacobian, method="trf",
+                               xtol=1e-4)
         if not result.success:
             warnings.warn(f"the least-squares transit fit did not converge ({result.message}):"
                           " its parameters are no good start for the sampler; check the "
