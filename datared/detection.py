@@ -188,9 +188,9 @@ def estimate_background(data: np.ndarray, *, box_size: int = 64, filter_size: in
     - ``"sep"`` (default): ``sep.Background``, Source Extractor's box statistics and spline
       in C; the level of a box is its sigma-clipped mode (2.5 median - 1.5 mean, or the
       median where the two differ much), which faint unmasked stars lift less than a median.
-      About 20 times faster than ``"photutils"`` on a full frame
-      (``benchmarks/bench_detection.py``); the two maps agree to a few hundredths of the
-      noise per pixel (``tests/test_detection.py``).
+      Several times faster than ``"photutils"`` on a full frame (both are timed by
+      ``benchmarks/bench_detection.py``); the two maps agree to a few hundredths of the
+      noise per pixel (``tests/test_photometry.py``).
     - ``"photutils"``: ``photutils.background.Background2D`` with sigma-clipped medians
       (3 sigma, ``MedianBackground``, ``StdBackgroundRMS``), the mesh filtered and
       interpolated by :func:`median_filter_mesh` and :func:`zoom_mesh` (photutils' own
