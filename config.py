@@ -179,11 +179,20 @@ targets = {
 
 #: Reference catalogues: "sample" reads ``data_dir/catalogs/*.ecsv`` shipped with the
 #: simulated night; "online" queries VizieR (ATLAS-REFCAT2) and Gaia DR3 and caches the
-#: answers in ``cache_dir``.
+#: answers in ``cache_dir``; "index" takes the astrometry's reference stars from the
+#: astrometry.net index files in ``astrometry_index_dir`` (no network, no catalogue file;
+#: positions only, so chapters 05-07, which need REFCAT2 magnitudes, ask for another value).
 reference_catalog = "sample"
 
 #: Astrometry backend: "python" (pure Python, pip only) or "astrometry.net" (solve-field).
 astrometry_backend = "python"
+
+#: Folder of installed astrometry.net index files for the "astrometry.net" backend, e.g.
+#: "/usr/share/astrometry" for Debian's astrometry-data-tycho2-* packages (fields wider than
+#: about 25'), or a folder of 5200-series files from data.astrometry.net (smaller fields;
+#: book/adapting.md lists which fit which field). Chapter 03 then solves with them and loads
+#: no reference catalogue for it. None: index files are built from the reference catalogue.
+astrometry_index_dir: str | None = None
 
 #: Isochrones for the CMD chapter: "uwastro465isos" (PARSEC SDSS isochrones from PyPI).
 isochrone_source = "uwastro465isos"

@@ -116,7 +116,7 @@ def solve_field(path: str | Path, backend_config: str | Path, *, scale_arcsec: f
     common = ["solve-field", "--no-plots", "--overwrite", "--backend-config", str(backend_config),
               "--scale-units", "arcsecperpix", "--scale-low", f"{0.9 * scale_arcsec:.4f}",
               "--scale-high", f"{1.1 * scale_arcsec:.4f}", "--crpix-center",
-              "--new-fits", "none", "--index-xyls", "none", "--rdls", "none",
+              "--new-fits", "none", "--index-xyls", "none",
               "--match", "none", "--solved", "none", "--cpulimit", str(int(timeout_s))]
     try:
         ra0, dec0 = header_pointing(header, keys, file=path)
@@ -127,7 +127,8 @@ def solve_field(path: str | Path, backend_config: str | Path, *, scale_arcsec: f
         tmp = Path(tmp)
         first = tmp / "pass1"
         cmd1 = common + ["--dir", str(tmp), "--out", first.name, "--tweak-order", "2",
-                         "--objs", "100", "--corr", str(tmp / "pass1.corr"), str(path)]
+                         "--objs", "100", "--corr", str(tmp / "pass1.corr"),
+                         "--rdls", "none", str(path)]
         ok, message = _run_solve_field(cmd1, timeout_s)
         wcs_file = tmp / "pass1.wcs"
         if not ok or not wcs_file.exists():
@@ -144,7 +145,8 @@ def solve_field(path: str | Path, backend_config: str | Path, *, scale_arcsec: f
                 stale.unlink()
             cmd2 = common + ["--dir", str(tmp), "--out", second.name, "--verify", str(wcs_file),
                              "--tweak-order", str(degree), "--objs", "1000",
-                             "--corr", str(tmp / "pass2.corr"), str(path)]
+                             "--corr", str(tmp / "pass2.corr"),
+                             "--rdls", str(tmp / "pass2.rdls"), "--tag-all", str(path)]
             ok, message = _run_solve_field(cmd2, timeout_s)
             corr2 = tmp / "pass2.corr"
             n_second = len(_read_corr(corr2)) if ok and corr2.exists() else 0
@@ -160,6 +162,9 @@ def solve_field(path: str | Path, backend_config: str | Path, *, scale_arcsec: f
         degree = int(wcs.sip.a_order) if wcs.sip is not None else 0
         degree = degree if degree >= 2 else 0
         wcs.pixel_shape = (shape[1], shape[0])
+        rdls = tmp / "pass2.rdls"
+        if final.name == "pass2.wcs" and rdls.exists():
+            result.reference = _reference_stars(rdls)
         corr = tmp / ("pass2.corr" if final.name == "pass2.wcs" else "pass1.corr")
         if corr.exists():
             matched = _corr_table(corr, wcs)
@@ -192,6 +197,16 @@ def _read_corr(path: Path) -> Table:
         return Table.read(path)
 
 
+def _reference_stars(rdls: Path) -> Table:
+    """The index stars in the field from a solve-field ``.rdls`` file, as ``ra``, ``dec``
+    (degrees) and ``phot_g_mean_mag`` (the index's magnitude, NaN where it has none)."""
+    data = _read_corr(rdls)
+    mag = (np.asarray(data["MAG"], float) if "MAG" in data.colnames
+           else np.full(len(data), np.nan))
+    return Table({"ra": np.asarray(data["RA"], float), "dec": np.asarray(data["DEC"], float),
+                  "phot_g_mean_mag": mag})
+
+
 def _corr_table(corr: Path, wcs: WCS) -> Table:
     """Matched stars of a solve-field ``.corr`` file with residuals under ``wcs``, pixels."""
     data = _read_corr(corr)
@@ -201,3 +216,172 @@ def _corr_table(corr: Path, wcs: WCS) -> Table:
     px, py = wcs.world_to_pixel(sky)
     return Table({"x": x, "y": y, "ra": sky.ra.deg, "dec": sky.dec.deg,
                   "dx": x - px, "dy": y - py})
+
+
+# --- Installed index files ----------------------------------------------------------------
+#
+# An index file covers quads (groups of four stars) of one range of sizes. The published
+# series share the scale numbers of build-astrometry-index's presets: scale P holds quads of
+# about 2 * sqrt(2)**P to 2 * sqrt(2)**(P + 1) arcmin (P = 7: 22'-30', Debian's
+# astrometry-data-tycho2-07). The 5200 series (Gaia-based, from data.astrometry.net) has
+# scales 0-6, the 4100 series (Tycho-2, Debian's astrometry-data-tycho2-* packages) 7-19.
+# astrometry.net's documentation advises index files whose quads are 10 % to 100 % of the
+# field's width.
+
+# Debian's Tycho-2 packages: astrometry-data-tycho2-07, -08 and -09 hold scales 7, 8 and 9
+# (quads of 22'-30', 30'-44', 44'-60'), astrometry-data-tycho2-10-19 the scales 10-19.
+
+
+def index_scales_for(field_arcmin: float) -> list[int]:
+    """Scale numbers P of the index files that suit a field of this width (arcmin): those
+    whose quads (2 * sqrt(2)**P to 2 * sqrt(2)**(P + 1) arcmin) overlap 10-100 % of it."""
+    return [p for p in range(20)
+            if 2.0 * math.sqrt(2) ** (p + 1) >= 0.1 * field_arcmin
+            and 2.0 * math.sqrt(2) ** p <= field_arcmin]
+
+
+def index_advice(field_arcmin: float) -> str:
+    """Which published index files to install for a field of this width (arcmin), as text."""
+    scales = index_scales_for(field_arcmin)
+    small = [f"52{p:02d}" for p in scales if p <= 6]
+    large = [f"41{p:02d}" for p in scales if p >= 7]
+    parts = []
+    if small:
+        parts.append(f"the 5200-series index files {', '.join(small)} (Gaia-based, "
+                     "from data.astrometry.net)")
+    if large:
+        packages = sorted({f"astrometry-data-tycho2-{p:02d}" if p <= 9
+                           else "astrometry-data-tycho2-10-19" for p in scales if p >= 7})
+        parts.append(f"the Tycho-2 index files {', '.join(large)} (on Debian/Ubuntu: "
+                     f"apt-get install {' '.join(packages)})")
+    return " and ".join(parts) or "index files with quads of 10-100 % of the field's width"
+
+
+def index_files(index_dir: str | Path) -> Table:
+    """The astrometry.net index files in a folder, with the quad sizes each one covers.
+
+    A FITS file is an index file when its primary header has the quad scale bounds
+    ``SCALE_L`` and ``SCALE_U`` (radians) that ``build-astrometry-index`` writes. Other files
+    are passed over.
+
+    Returns a table with ``path``, ``index_id``, ``healpix`` (-1: all sky) and
+    ``quad_min_arcmin``, ``quad_max_arcmin``, sorted by quad size.
+    """
+    index_dir = Path(index_dir)
+    rows = []
+    for path in sorted(index_dir.glob("*.fits")):
+        try:
+            header = fits.getheader(path)
+        except (OSError, ValueError):
+            continue  # not a readable FITS file: not an index
+        if "SCALE_L" not in header or "SCALE_U" not in header:
+            continue
+        to_arcmin = 180.0 / math.pi * 60.0
+        rows.append((str(path), int(header.get("INDEXID", -1)), int(header.get("HEALPIX", -1)),
+                     float(header["SCALE_L"]) * to_arcmin, float(header["SCALE_U"]) * to_arcmin))
+    table = Table(rows=rows or None, names=("path", "index_id", "healpix", "quad_min_arcmin",
+                                            "quad_max_arcmin"),
+                  dtype=(str, int, int, float, float))
+    table.sort(["quad_min_arcmin", "path"])
+    return table
+
+
+def installed_index_config(index_dir: str | Path, out_dir: str | Path,
+                           field_arcmin: float) -> Path:
+    """A ``backend.cfg`` for ``solve-field`` listing the installed index files that suit the
+    field: those whose quads are 10-100 % of its width (all healpix tiles of them; solve-field
+    uses only the tiles near the pointing hint).
+
+    Parameters
+    ----------
+    index_dir : folder of index files (``config.astrometry_index_dir``), e.g.
+        ``/usr/share/astrometry`` for Debian's packages.
+    out_dir : folder for ``backend.cfg`` (created).
+    field_arcmin : the field's width (its longer side), arcmin.
+
+    Raises :class:`AstrometryError` naming the folder and what to install when the folder is
+    missing, holds no index file, or none of its files suits the field.
+    """
+    index_dir = Path(index_dir).expanduser()
+    setting = f"config.astrometry_index_dir = {str(index_dir)!r}"
+    advice = index_advice(field_arcmin)
+    if not index_dir.is_dir():
+        raise AstrometryError(f"{setting}: no such folder. For a field {field_arcmin:.1f}' wide "
+                              f"install {advice} and set the folder that holds them, or set "
+                              "astrometry_index_dir = None to build index files from the "
+                              "reference catalogue.")
+    files = index_files(index_dir)
+    if len(files) == 0:
+        raise AstrometryError(f"{setting}: the folder holds no astrometry.net index file "
+                              f"(FITS with SCALE_L, SCALE_U). For a field {field_arcmin:.1f}' "
+                              f"wide install {advice}.")
+    suits = ((files["quad_max_arcmin"] >= 0.1 * field_arcmin)
+             & (files["quad_min_arcmin"] <= field_arcmin))
+    if not np.any(suits):
+        raise AstrometryError(
+            f"{setting}: its {len(files)} index files have quads of "
+            f"{files['quad_min_arcmin'].min():.1f}'-{files['quad_max_arcmin'].max():.1f}', "
+            f"and a field {field_arcmin:.1f}' wide needs quads of {0.1 * field_arcmin:.1f}'-"
+            f"{field_arcmin:.1f}': install {advice}.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = out_dir / "backend.cfg"
+    lines = ["# astrometry.net engine config written by datared.astrometry_net."
+             "installed_index_config", f"# index files of {index_dir.resolve()} with quads of "
+             f"{0.1 * field_arcmin:.1f}'-{field_arcmin:.1f}'", "cpulimit 60"]
+    lines += [f"index {Path(p).resolve()}" for p in files["path"][suits]]
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
+def index_catalog(index_dir: str | Path, ra_deg: float, dec_deg: float,
+                  radius_deg: float) -> Table:
+    """The stars of the installed index files within a cone, as a Gaia-like table.
+
+    Index files hold the positions (and, where they were built with it, a magnitude) of the
+    catalogue they were made from, thinned to an even density per scale; ``query-starkd``
+    reads them. Stars found in several files are kept once.
+
+    Returns ``ra``, ``dec`` (degrees) and ``phot_g_mean_mag`` (the index's magnitude, NaN
+    where it has none), brightest first. Positions are at the index's epoch (no proper
+    motions), so they are good to the catalogue's motions since then (tens of mas for most
+    stars).
+    """
+    if shutil.which("query-starkd") is None:
+        raise AstrometryError("query-starkd is not installed: on Debian/Ubuntu `apt-get install "
+                              "astrometry.net`, or set reference_catalog = \"sample\" or "
+                              "\"online\" in config.py")
+    files = index_files(index_dir)
+    if len(files) == 0:
+        raise AstrometryError(f"config.astrometry_index_dir = {str(index_dir)!r} holds no "
+                              "astrometry.net index file, so reference_catalog = \"index\" has "
+                              "no stars to read")
+    ra, dec, mag = [], [], []
+    with tempfile.TemporaryDirectory(prefix="datared-starkd-") as tmp:
+        for i, path in enumerate(files["path"]):
+            out = Path(tmp) / f"stars{i}.fits"
+            cmd = ["query-starkd", "-r", f"{ra_deg:.7f}", "-d", f"{dec_deg:.7f}",
+                   "-R", f"{radius_deg:.6f}", "-T", "-o", str(out), path]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0 or not out.exists():
+                raise AstrometryError(f"{path}: query-starkd could not read its stars: "
+                                      + (proc.stdout + proc.stderr).strip()[-500:])
+            stars = _read_corr(out)
+            if len(stars) == 0:
+                continue
+            ra.append(np.asarray(stars["RA"], float))
+            dec.append(np.asarray(stars["DEC"], float))
+            mag.append(np.asarray(stars["MAG"], float) if "MAG" in stars.colnames
+                       else np.full(len(stars), np.nan))
+    table = Table({"ra": np.concatenate(ra) if ra else np.zeros(0),
+                   "dec": np.concatenate(dec) if dec else np.zeros(0),
+                   "phot_g_mean_mag": np.concatenate(mag) if mag else np.zeros(0)})
+    if len(table) > 1:  # one row per star: the files share stars
+        sky = SkyCoord(table["ra"] * u.deg, table["dec"] * u.deg)
+        pairs_i, pairs_j, _, _ = sky.search_around_sky(sky, 0.1 * u.arcsec)
+        duplicate = np.zeros(len(table), bool)
+        duplicate[pairs_j[pairs_j > pairs_i]] = True
+        table = table[~duplicate]
+    table.sort("phot_g_mean_mag")
+    table.meta["source"] = f"astrometry.net index files in {Path(index_dir).resolve()}"
+    return table

@@ -47,22 +47,37 @@ class CatalogUnavailableError(DataredError, RuntimeError):
 
 def load_gaia(ra_deg: float, dec_deg: float, radius_deg: float, *, source: str,
               data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-              mag_limit: float | None = None, vizier=None) -> Table:
+              index_dir: str | Path | None = None, mag_limit: float | None = None,
+              vizier=None) -> Table:
     """Gaia DR3 stars within ``radius_deg`` of a position.
 
     Parameters
     ----------
     ra_deg, dec_deg : centre of the cone, degrees (ICRS).
     radius_deg : cone radius, degrees.
-    source : "sample" or "online" (``config.reference_catalog``).
+    source : "sample", "online" or "index" (``config.reference_catalog``). "index" reads the
+        stars of the astrometry.net index files in ``index_dir`` (positions and the index's
+        magnitude, no proper motions; :func:`datared.astrometry_net.index_catalog`), for
+        astrometry with no network and no catalogue file.
     data_dir : the night's folder, needed for "sample" (``config.data_dir``).
     cache_dir : cache folder, needed for "online" (``config.cache_dir``).
+    index_dir : folder of index files, needed for "index" (``config.astrometry_index_dir``).
     mag_limit : keep stars brighter than this G magnitude.
     vizier : an ``astroquery.vizier.VizierClass`` to use (tests pass one with a fake network).
 
     Returns a table with ``source_id``, ``ra``, ``dec`` (degrees), ``pmra``, ``pmdec``
     (mas/yr), ``ref_epoch`` (Julian year), ``phot_g_mean_mag`` and more, brightest first.
     """
+    if source == "index":
+        if index_dir is None:
+            raise CatalogUnavailableError(
+                "reference_catalog = \"index\" in config.py reads the stars of astrometry.net "
+                "index files: set astrometry_index_dir to the folder that holds them")
+        from datared.astrometry_net import index_catalog
+
+        table = index_catalog(index_dir, ra_deg, dec_deg, radius_deg)
+        return table if mag_limit is None else \
+            table[np.asarray(table["phot_g_mean_mag"], float) <= mag_limit]
     source, data_dir, cache_dir = _defaults(source, data_dir, cache_dir)
     if source == "sample":
         table = _read_sample(data_dir, "gaia.ecsv")
@@ -103,6 +118,12 @@ def load_refcat2(ra_deg: float, dec_deg: float, radius_deg: float, *,
     Returns a table with VizieR's column names (``RA_ICRS``, ``DE_ICRS`` in degrees,
     ``gmag``, ``e_gmag``, ``rmag``, ``e_rmag``, ``imag``, ``e_imag``, ...).
     """
+    if source == "index":
+        raise CatalogUnavailableError(
+            "reference_catalog = \"index\" in config.py gives positions only (from the "
+            "astrometry.net index files), and this step needs ATLAS-REFCAT2 magnitudes: set "
+            "reference_catalog = \"online\" (the answer is cached in config.cache_dir, so the "
+            "network is needed once) or \"sample\" for the simulated night")
     source, data_dir, cache_dir = _defaults(source, data_dir, cache_dir)
     if source == "sample":
         table = _read_sample(data_dir, "refcat2.ecsv")
@@ -157,8 +178,10 @@ def query_vizier(catalog: str, columns: list[str], ra_deg: float, dec_deg: float
         raise CatalogUnavailableError(
             f"VizieR ({catalog}) is unreachable: {err.__class__.__name__}: {err}. Check the "
             "internet connection and retry; answers are cached in config.cache_dir, so a "
-            "night needs the network once. Offline, set reference_catalog = \"sample\" in "
-            "config.py (sample night only)."
+            "night needs the network once. Offline: for the astrometry (chapter 03), install "
+            "astrometry.net index files and set astrometry_backend = \"astrometry.net\", "
+            "astrometry_index_dir and reference_catalog = \"index\" (book/installation.md, "
+            "section 4); reference_catalog = \"sample\" is for the simulated night only."
         ) from None
     if len(result) == 0:
         raise CatalogUnavailableError(
@@ -176,8 +199,8 @@ def query_vizier(catalog: str, columns: list[str], ra_deg: float, dec_deg: float
 def _defaults(source, data_dir, cache_dir):
     """Check the source and that the folder it needs is given (``data_dir`` or ``cache_dir``)."""
     if source not in ("sample", "online"):
-        raise ValueError(f"reference_catalog = {source!r} in config.py: use \"sample\" or "
-                         "\"online\"")
+        raise ValueError(f"reference_catalog = {source!r} in config.py: use \"sample\", "
+                         "\"online\" or \"index\"")
     needed = {"sample": ("data_dir", data_dir), "online": ("cache_dir", cache_dir)}[source]
     if needed[1] is None:
         raise TypeError(f"a {source!r} reference catalogue needs {needed[0]}= (config.{needed[0]})")

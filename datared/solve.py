@@ -102,6 +102,9 @@ class Solution:
     sip_degree: int = 0
     seconds: float = float("nan")
     matched: Table | None = field(default=None, repr=False)
+    #: the reference stars in the field that the solution was checked on (astrometry.net:
+    #: the index's stars, ``ra``, ``dec`` in degrees and ``phot_g_mean_mag``)
+    reference: Table | None = field(default=None, repr=False)
 
     def row(self) -> dict:
         """The summary-table row of this frame."""
@@ -449,10 +452,57 @@ def solve_frame(frame: Frame, catalog: Table | None, *, settings: SolverSettings
         if index_config is None:
             raise ValueError("the astrometry.net backend needs index_config (a backend.cfg "
                              "listing index files; see astrometry_net.build_index)")
-        return solve_field(frame.path, index_config, scale_arcsec=settings.scale_arcsec,
-                           keys=settings.keys, sip_degree=settings.sip_degree)
+        result = solve_field(frame.path, index_config, scale_arcsec=settings.scale_arcsec,
+                             keys=settings.keys, sip_degree=settings.sip_degree)
+        return refine_solution(result, frame, settings=settings, saturation_adu=saturation_adu)
     raise ValueError(f"config.astrometry_backend = {backend!r}: use 'python' or "
                      "'astrometry.net'")
+
+
+def refine_solution(result: Solution, frame: Frame, *, settings: SolverSettings,
+                    saturation_adu: float | None = None) -> Solution:
+    """Refine an astrometry.net solution with this module's fit: the frame's stars measured
+    as for the python backend (:func:`detect_for_astrometry`), matched to the index stars
+    in the field (``result.reference``), and a weighted TAN-SIP fit with outlier rejection
+    (:func:`refine_wcs`).
+
+    solve-field's own fit weighs its centroids alike and keeps wrong pairs: on a sparse
+    field it can miss by pixels at the edges. A solution is returned unchanged when it failed,
+    has no reference stars, or the refinement cannot match enough of them.
+    """
+    if not result.success or result.reference is None or len(result.reference) < 5:
+        return result
+    start = time.perf_counter()
+    shape = frame.data.shape
+    try:
+        epoch = frame_epoch(frame.header, settings.keys)
+    except FrameError:
+        epoch = None  # no date: the index positions as they are
+    try:
+        stars = detect_for_astrometry(frame.data, settings, mask=frame.mask,
+                                      saturation_adu=saturation_adu)
+    except FRAME_ERRORS:
+        return result
+    sky = catalog_at_epoch(result.reference, epoch)
+    mag = np.asarray(result.reference["phot_g_mean_mag"], float)
+    mag = np.where(np.isfinite(mag), mag, 99.0)
+    try:
+        wcs, matched = refine_wcs(result.wcs, stars, sky, mag, shape,
+                                  sip_degree=settings.sip_degree, fwhm_px=stars.meta["fwhm_px"])
+    except FRAME_ERRORS:  # too few index stars matched: keep solve-field's solution
+        return result
+    if len(matched) < settings.min_stars:
+        return result
+    result.wcs = wcs
+    result.matched = matched
+    result.n_detected = int(np.sum(stars["snr"] >= 10))
+    result.n_matched = len(matched)
+    result.sip_degree = int(matched.meta["sip_degree"])
+    result.rms_px = float(np.sqrt(np.mean(np.asarray(matched["dx"]) ** 2
+                                          + np.asarray(matched["dy"]) ** 2)))
+    result.rms_arcsec = result.rms_px * pixel_scale_of(wcs)
+    result.seconds += time.perf_counter() - start
+    return result
 
 
 def sky_level(image: np.ndarray) -> float:

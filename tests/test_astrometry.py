@@ -4,6 +4,7 @@ fields with a known TAN-SIP WCS."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from astropy.table import Table
 from astropy.wcs import WCS, Sip
 from scipy.special import erf
 
-from datared import astrometry_net, wcsfit
+from datared import astrometry_net, catalogs, wcsfit
 from datared import solve as slv
 from datared.detection import SIGMA_TO_FWHM
 from datared.errors import AstrometryError
@@ -328,3 +329,55 @@ def test_solve_file_in_workers_gives_the_same_solutions(tmp_path, field):
         np.testing.assert_allclose(one.wcs.crval, two.wcs.crval, rtol=1e-12)
         assert np.max(wcsfit.grid_errors(one, two, SHAPE)) < 1e-6  # the inversion's own tolerance
     assert slv.sky_level(np.full((40, 40), 7.0)) == 7.0
+
+
+def test_index_scales_and_advice_follow_the_field_width():
+    # Quads of 10-100 % of the field: a 12' field needs scales 0-5 (5200 series), a
+    # two-degree field the Tycho-2 files of Debian's packages.
+    assert astrometry_net.index_scales_for(12.0) == [0, 1, 2, 3, 4, 5]
+    assert "5203" in astrometry_net.index_advice(12.0)
+    assert "tycho2" not in astrometry_net.index_advice(12.0)
+    wide = astrometry_net.index_advice(120.0)
+    assert "astrometry-data-tycho2-10-19" in wide and "4111" in wide
+
+
+def test_installed_index_config_names_the_folder_and_what_to_install(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(AstrometryError, match="no such folder.*5200-series"):
+        astrometry_net.installed_index_config(missing, tmp_path / "cfg", 12.0)
+    (tmp_path / "empty").mkdir()
+    fits.writeto(tmp_path / "empty" / "image.fits", np.zeros((2, 2)))  # not an index file
+    with pytest.raises(AstrometryError, match="holds no astrometry.net index file"):
+        astrometry_net.installed_index_config(tmp_path / "empty", tmp_path / "cfg", 12.0)
+    folder = tmp_path / "index"
+    folder.mkdir()
+    arcmin = np.radians(1 / 60)
+    for name, (low, high) in {"index-5203.fits": (5.6, 8.0), "index-4110.fits": (60, 85)}.items():
+        header = fits.Header({"SCALE_L": low * arcmin, "SCALE_U": high * arcmin,
+                              "INDEXID": int(name[6:10])})
+        fits.PrimaryHDU(header=header).writeto(folder / name)
+    cfg = astrometry_net.installed_index_config(folder, tmp_path / "cfg", 12.0)
+    lines = cfg.read_text().splitlines()
+    assert [line for line in lines if line.startswith("index ")] == \
+        [f"index {(folder / 'index-5203.fits').resolve()}"]
+    with pytest.raises(AstrometryError, match="quads of 5.6'-85.0'.*needs quads of 300"):
+        astrometry_net.installed_index_config(folder, tmp_path / "cfg", 3000.0)
+
+
+@pytest.mark.astrometry_net
+def test_index_catalog_reads_the_stars_of_index_files(tmp_path, field_catalog):
+    if not astrometry_net.solve_field_available() or shutil.which("query-starkd") is None:
+        pytest.skip("astrometry.net (build-astrometry-index, query-starkd) is not installed")
+    astrometry_net.build_index(field_catalog, tmp_path, field_arcmin=SHAPE[1] * SCALE / 60)
+    stars = catalogs.load_gaia(RA0, DEC0, 0.1, source="index", index_dir=tmp_path)
+    assert len(stars) > 30 and stars.colnames == ["ra", "dec", "phot_g_mean_mag"]
+    assert np.all(np.diff(stars["phot_g_mean_mag"]) >= 0)  # brightest first
+    sky = SkyCoord(stars["ra"] * u.deg, stars["dec"] * u.deg)
+    truth = SkyCoord(field_catalog["ra"] * u.deg, field_catalog["dec"] * u.deg)
+    _, sep, _ = sky.match_to_catalog_sky(truth)
+    assert sep.to(u.mas).value.max() < 1.0  # the catalogue's own positions, once each
+    assert len(sky.search_around_sky(sky, 0.1 * u.arcsec)[0]) == len(sky)
+    with pytest.raises(catalogs.CatalogUnavailableError, match="astrometry_index_dir"):
+        catalogs.load_gaia(RA0, DEC0, 0.1, source="index")
+    with pytest.raises(catalogs.CatalogUnavailableError, match="REFCAT2 magnitudes"):
+        catalogs.load_refcat2(RA0, DEC0, 0.1, source="index")
