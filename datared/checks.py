@@ -81,3 +81,34 @@ def check_true(condition: bool, message: str) -> None:
     """Raise :class:`SelfCheckError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise SelfCheckError(message)
+
+
+def compare_with_setting(measured: float, setting: float, *, name: str, what: str,
+                         unit: str, tolerance: float, fix: str = "") -> tuple[bool, str]:
+    """Compare a quantity measured from the data with the value in the settings.
+
+    Parameters
+    ----------
+    measured, setting : the measured value and the one in ``config.py`` (same unit).
+    name : the setting's name, e.g. ``"pixel_scale_arcsec"``.
+    what : what was measured and how, e.g. ``"pixel scale of the solved WCS"``.
+    unit : the unit, for the text.
+    tolerance : the largest relative difference that counts as agreement (0.02: 2 %).
+    fix : what else to check when they disagree (appended to the note).
+
+    Returns (agree, text): the text gives both values and their relative difference and,
+    when they disagree, a note that names the setting and the measured value to put in it.
+    A measurement that is not finite agrees with nothing and says so.
+    """
+    if not np.isfinite(measured) or not np.isfinite(setting) or setting == 0:
+        return False, (f"{what}: not measured ({_fmt(measured)} {unit}); config.{name} = "
+                       f"{_fmt(setting)} {unit} is used unchecked")
+    offset = measured / setting - 1.0
+    text = (f"{what}: {measured:.4g} {unit}; config.{name} = {setting:.4g} {unit} "
+            f"({offset:+.1%})")
+    if abs(offset) <= tolerance:
+        return True, text + f", within {tolerance:.0%}"
+    note = (f"Note: {what} differs from config.{name} by {offset:+.1%} (more than "
+            f"{tolerance:.0%}): set {name} = {measured:.4g} in config.py or the night's "
+            "settings file")
+    return False, text + "\n" + note + (f"; {fix}" if fix else ".")

@@ -36,3 +36,18 @@ def test_differing_and_check_true():
     check_true(True, "never")
     with pytest.raises(SelfCheckError, match="broken"):
         check_true(False, "broken")
+
+
+def test_compare_with_setting_names_the_setting_and_the_value_to_use():
+    from datared.checks import compare_with_setting
+
+    ok, text = compare_with_setting(0.6071, 0.605, name="pixel_scale_arcsec", what="scale",
+                                    unit="arcsec/px", tolerance=0.02)
+    assert ok and "+0.3%" in text and "within 2%" in text and "Note" not in text
+    ok, text = compare_with_setting(0.672, 0.605, name="pixel_scale_arcsec", what="scale",
+                                    unit="arcsec/px", tolerance=0.02, fix="check the binning.")
+    assert not ok and "+11.1%" in text
+    assert "set pixel_scale_arcsec = 0.672 in config.py" in text and "check the binning." in text
+    ok, text = compare_with_setting(float("nan"), 3.6, name="read_noise_e", what="read noise",
+                                    unit="e-", tolerance=0.1)
+    assert not ok and "unchecked" in text
