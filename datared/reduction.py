@@ -775,6 +775,13 @@ def calibrate_frame(path: str | Path, calibration: Calibration, *,
             else np.zeros(flat.shape, dtype=bool))
     if saturation_adu is not None:
         mask |= raw.data >= saturation_adu
+    # The brightest raw pixel and how many share its value: many pixels at exactly the same
+    # highest level are a hard limit (the converter's or the full well), which
+    # check_saturation_level compares with the setting.
+    peak = float(np.nanmax(raw.data)) if np.isfinite(raw.data).any() else float("nan")
+    header["RAWPEAK"] = (peak, "[adu] highest raw pixel (datared)")
+    header["RAWNPEAK"] = (int(np.count_nonzero(raw.data == peak)),
+                          "raw pixels at RAWPEAK (datared)")
     uncertainty = None
     if with_uncertainty:
         signal = raw.data - calibration.bias
@@ -1021,9 +1028,48 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
         rows.append(outcome.value)
     table = Table(rows=rows or None,
                   names=("file", "raw", "filter", "exptime_s", "dark", "masked_pixels",
-                         "cosmic_pixels"),
-                  dtype=(str, str, str, float, str, int, int))
+                         "cosmic_pixels", "raw_peak_adu", "raw_at_peak"),
+                  dtype=(str, str, str, float, str, int, int, float, int))
     return table, log
+
+
+def check_saturation_level(peaks, at_peak, saturation_adu: float | None, *,
+                           min_pixels: int = 4) -> tuple[bool, str]:
+    """Compare the level where the raw frames clip with ``config.saturation_adu``.
+
+    A frame whose brightest value is shared by at least ``min_pixels`` pixels has hit a hard
+    limit (the analogue-to-digital converter's largest value or the full well): a star's core
+    does not give several pixels of exactly the same highest value by chance. If that level
+    is below the setting, pixels at it are not masked as saturated and their stars' fluxes
+    are wrong; the note says which value to set.
+
+    Parameters
+    ----------
+    peaks, at_peak : per frame, the highest raw value (ADU) and how many pixels have it
+        (columns ``raw_peak_adu``, ``raw_at_peak`` of :func:`calibrate_lights`).
+    saturation_adu : ``config.saturation_adu`` (None: nothing is masked).
+
+    Returns (agree, text).
+    """
+    peaks = np.asarray(peaks, float)
+    at_peak = np.asarray(at_peak, int)
+    if len(peaks) == 0 or not np.isfinite(peaks).any():
+        return True, "no calibrated frame: the saturation level is not checked"
+    clipped = at_peak >= min_pixels
+    setting = "None" if saturation_adu is None else f"{saturation_adu:.0f} ADU"
+    if not clipped.any():
+        return True, (f"no frame reaches a hard limit (brightest raw pixel "
+                      f"{np.nanmax(peaks):.0f} ADU, never {min_pixels} pixels at the same "
+                      f"highest value): config.saturation_adu = {setting} is not tested")
+    level = float(np.median(peaks[clipped]))
+    where = f"{clipped.sum()} of {len(peaks)} frames clip at {level:.0f} ADU"
+    if saturation_adu is None or level < saturation_adu:
+        return False, (f"Note: {where} (at least {min_pixels} pixels at exactly that value), "
+                       f"and config.saturation_adu = {setting} does not mask them: stars "
+                       f"there have wrong fluxes. Set saturation_adu below {level:.0f}, where "
+                       f"the camera is still linear (e.g. {0.9 * level:.0f}), and rerun.")
+    return True, (f"{where}; config.saturation_adu = {setting} is below it, so those pixels "
+                  "and the ones above the setting are masked as saturated")
 
 
 def _calibrate_light(path: Path, shared: dict) -> tuple:
@@ -1046,7 +1092,8 @@ def _calibrate_light(path: Path, shared: dict) -> tuple:
                                  "pixels cleaned (L.A.Cosmic) and masked")
     write_frame(ccd, shared["out_dir"] / output_name(path))
     return (output_name(path), path.name, band, exptime, calibration.dark_note(exptime),
-            int(np.count_nonzero(ccd.mask)), n_cosmic)
+            int(np.count_nonzero(ccd.mask)), n_cosmic, float(ccd.header["RAWPEAK"]),
+            int(ccd.header["RAWNPEAK"]))
 
 
 def write_master_darks(master_darks: Mapping[float, CCDData], work_dir: str | Path, *,

@@ -667,3 +667,29 @@ def test_a_compressed_light_is_calibrated_under_a_fits_name(tmp_path):
     assert len(log) == 0
     assert list(table["file"]) == [light.name] and list(table["raw"]) == [packed.name]
     assert fits.getdata(tmp_path / "out" / light.name).shape == true_bias().shape
+
+
+def test_check_saturation_level_finds_a_clip_below_the_setting():
+    from datared.reduction import check_saturation_level
+
+    peaks, at_peak = [65535, 65535, 41200], [120, 37, 1]
+    ok, text = check_saturation_level(peaks, at_peak, 60000)
+    assert ok and "2 of 3 frames clip at 65535 ADU" in text
+    ok, text = check_saturation_level([50000, 50000], [80, 12], 60000)  # clips at 50000
+    assert not ok and "Set saturation_adu below 50000" in text and "e.g. 45000" in text
+    ok, text = check_saturation_level([41000, 52000], [1, 2], 60000)  # never clipped
+    assert ok and "not tested" in text
+
+
+def test_calibrated_frames_record_the_raw_peak(tmp_path):
+    from datared import reduction as red
+
+    raw = np.full((20, 30), 1000, np.uint16)
+    raw[5, 5:12] = 65535  # a clipped star core: 7 pixels at the converter's limit
+    header = fits.Header({"IMAGETYP": "LIGHT", "FILTER": "r", "EXPTIME": 10.0})
+    fits.writeto(tmp_path / "light.fits", raw, header)
+    calibration = red.Calibration(bias=np.zeros((20, 30), np.float32),
+                                  flats={"r": np.ones((20, 30), np.float32)})
+    ccd = red.calibrate_frame(tmp_path / "light.fits", calibration, saturation_adu=60000)
+    assert ccd.header["RAWPEAK"] == 65535 and ccd.header["RAWNPEAK"] == 7
+    assert ccd.mask.sum() == 7
