@@ -257,6 +257,11 @@ clean_cosmic_rays = False
 #: Write a per-pixel uncertainty extension (CCD noise equation) with each calibrated frame
 #: (doubles the size of every calibrated frame on disk and in memory).
 write_uncertainty = False
+#: Science frames of a filter without flats: "unflattened" calibrates them with bias and
+#: dark only and flags them (FLATFLD = F in the header, listed by chapter 02): their
+#: photometry keeps the vignetting and dust of the optics, a few percent across the field.
+#: "skip" leaves them out.
+missing_flat = "unflattened"
 #: Photometry (chapter 04): aperture radii in arcsec. Catalogue columns name each radius
 #: with a "p" for the decimal point: 3.0 arcsec -> sum_3p0, sum_err_3p0, max_3p0, back_sum_3p0.
 aperture_radii_arcsec = [2.0, 3.0, 4.0, 6.0]

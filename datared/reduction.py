@@ -738,7 +738,7 @@ def calibrate_frame(path: str | Path, calibration: Calibration, *,
                     keys: HeaderKeys = NINA_KEYS, saturation_adu: float | None = None,
                     overscan_section: str | None = None, trim_section: str | None = None,
                     gain_e_per_adu: float | None = None, read_noise_e: float | None = None,
-                    with_uncertainty: bool = False) -> CCDData:
+                    with_uncertainty: bool = False, missing_flat: str = "skip") -> CCDData:
     """Calibrate one raw science frame: bias, dark (matched or scaled) and flat of its filter.
 
     The result is float32 ADU with the raw header, HISTORY cards of each step, and a mask of
@@ -755,24 +755,33 @@ def calibrate_frame(path: str | Path, calibration: Calibration, *,
     overscan_section, trim_section : see :func:`read_raw`.
     gain_e_per_adu, read_noise_e : needed only with ``with_uncertainty`` (electrons/ADU, e-).
     with_uncertainty : attach a per-pixel uncertainty from the CCD noise equation.
+    missing_flat : a frame whose filter has no master flat: "skip" raises
+        :class:`~datared.errors.FrameError`; "unflattened" calibrates it without a flat
+        (bias and dark only) and flags it, ``FLATFLD = F`` in its header
+        (``config.missing_flat``). Calibrated frames with a flat have ``FLATFLD = T``.
     """
     path = Path(path)
     if with_uncertainty and (gain_e_per_adu is None or read_noise_e is None):
         raise ValueError("with_uncertainty needs gain_e_per_adu and read_noise_e")
+    if missing_flat not in ("skip", "unflattened"):
+        raise ValueError(f"missing_flat = {missing_flat!r} in config.py: use \"skip\" or "
+                         "\"unflattened\"")
     raw = read_raw(path, overscan_section=overscan_section, trim_section=trim_section)
     header = raw.header
     band = text_value(header, keys, "filter", file=path)
-    if band not in calibration.flats:
+    if band not in calibration.flats and missing_flat == "skip":
         raise FrameError(f"{path.name}: no master flat for filter {band!r}: take flats in that "
-                         "filter")
+                         "filter, or set missing_flat = \"unflattened\" in config.py to "
+                         "calibrate such frames without a flat (flagged)")
     exptime = number_value(header, keys, "exptime", file=path)
-    flat = calibration.flats[band]
-    if raw.data.shape != flat.shape:
+    flat = calibration.flats.get(band)  # None: no flat in this filter, "unflattened"
+    master_shape = np.shape(flat if flat is not None else calibration.bias)
+    if raw.data.shape != master_shape:
         raise FrameError(f"{path.name}: shape {raw.data.shape} differs from the master frames' "
-                         f"{flat.shape} (binning or sub-frame changed?); calibrate it with "
+                         f"{master_shape} (binning or sub-frame changed?); calibrate it with "
                          "calibration frames of the same binning and size")
     mask = (calibration.bad_pixels > 0 if calibration.bad_pixels is not None
-            else np.zeros(flat.shape, dtype=bool))
+            else np.zeros(master_shape, dtype=bool))
     if saturation_adu is not None:
         mask |= raw.data >= saturation_adu
     # The brightest raw pixel and how many share its value: many pixels at exactly the same
@@ -786,16 +795,23 @@ def calibrate_frame(path: str | Path, calibration: Calibration, *,
     if with_uncertainty:
         signal = raw.data - calibration.bias
         sigma = noise_equation_adu(signal, gain_e_per_adu=gain_e_per_adu,
-                                   read_noise_e=read_noise_e) / flat
+                                   read_noise_e=read_noise_e)
+        if flat is not None:
+            sigma = sigma / flat
         uncertainty = StdDevUncertainty(sigma.astype(np.float32), unit="adu")
     # raw.data is a float32 array of our own (read_raw made it): calibrate it in place.
     data = raw.data
     np.subtract(data, calibration.offset(exptime), out=data)
-    np.divide(data, flat, out=data)
+    if flat is not None:
+        np.divide(data, flat, out=data)
     header["BUNIT"] = "adu"
+    header["FLATFLD"] = (flat is not None, "flat-fielded by datared")
     header["HISTORY"] = "datared 02-pre-reduction: bias subtracted (masterbias.fits)"
     header["HISTORY"] = "datared 02-pre-reduction: " + calibration.dark_note(exptime)
-    header["HISTORY"] = f"datared 02-pre-reduction: flat-fielded (masterflat_{band}.fits)"
+    header["HISTORY"] = (f"datared 02-pre-reduction: flat-fielded (masterflat_{band}.fits)"
+                         if flat is not None else
+                         f"datared 02-pre-reduction: NOT flat-fielded: no master flat for "
+                         f"filter {band} (missing_flat = 'unflattened')")
     header["HISTORY"] = "datared 02-pre-reduction: bad and saturated pixels in MASK extension"
     return CCDData(data, unit="adu", meta=header, mask=mask, uncertainty=uncertainty)
 
@@ -980,7 +996,8 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
                      saturation_adu: float | None = None, overscan_section: str | None = None,
                      trim_section: str | None = None, gain_e_per_adu: float | None = None,
                      read_noise_e: float | None = None, with_uncertainty: bool = False,
-                     cosmic_rays: bool = False, workers: int | None = 1) -> tuple[Table, SkipLog]:
+                     cosmic_rays: bool = False, workers: int | None = 1,
+                     missing_flat: str = "skip") -> tuple[Table, SkipLog]:
     """Calibrate every science frame into ``out_dir/<raw file name>``; skip and log bad ones.
 
     Parameters
@@ -998,6 +1015,8 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
     cosmic_rays : clean cosmic rays with L.A.Cosmic (and mask them).
     workers : processes sharing the frames (:func:`datared.parallel.map_frames`; None or 0:
         every core). The files and the table are the same for any number.
+    missing_flat : "skip" or "unflattened", for frames of a filter without a master flat
+        (see :func:`calibrate_frame`); the table's ``flat_fielded`` column says which.
 
     Returns
     -------
@@ -1010,6 +1029,9 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
     # Settings problems stop here, before the loop would skip every frame for them.
     if (with_uncertainty or cosmic_rays) and (gain_e_per_adu is None or read_noise_e is None):
         raise ValueError("with_uncertainty and cosmic_rays need gain_e_per_adu and read_noise_e")
+    if missing_flat not in ("skip", "unflattened"):
+        raise ValueError(f"missing_flat = {missing_flat!r} in config.py: use \"skip\" or "
+                         "\"unflattened\"")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = SkipLog("light")
@@ -1018,7 +1040,7 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
               "saturation_adu": saturation_adu, "overscan_section": overscan_section,
               "trim_section": trim_section, "gain_e_per_adu": gain_e_per_adu,
               "read_noise_e": read_noise_e, "with_uncertainty": with_uncertainty,
-              "cosmic_rays": cosmic_rays}
+              "cosmic_rays": cosmic_rays, "missing_flat": missing_flat}
     for outcome in map_frames(_calibrate_light, [Path(p) for p in paths], shared=shared,
                               workers=workers, desc="calibrating", unit="frame"):
         if outcome.error is not None:
@@ -1028,8 +1050,8 @@ def calibrate_lights(paths: Iterable[str | Path], calibration: Calibration, out_
         rows.append(outcome.value)
     table = Table(rows=rows or None,
                   names=("file", "raw", "filter", "exptime_s", "dark", "masked_pixels",
-                         "cosmic_pixels", "raw_peak_adu", "raw_at_peak"),
-                  dtype=(str, str, str, float, str, int, int, float, int))
+                         "cosmic_pixels", "raw_peak_adu", "raw_at_peak", "flat_fielded"),
+                  dtype=(str, str, str, float, str, int, int, float, int, bool))
     return table, log
 
 
@@ -1079,7 +1101,8 @@ def _calibrate_light(path: Path, shared: dict) -> tuple:
     ccd = calibrate_frame(path, calibration, keys=keys, saturation_adu=shared["saturation_adu"],
                           overscan_section=shared["overscan_section"],
                           trim_section=shared["trim_section"], gain_e_per_adu=gain,
-                          read_noise_e=read_noise, with_uncertainty=shared["with_uncertainty"])
+                          read_noise_e=read_noise, with_uncertainty=shared["with_uncertainty"],
+                          missing_flat=shared.get("missing_flat", "skip"))
     band = text_value(ccd.header, keys, "filter", file=path)
     exptime = number_value(ccd.header, keys, "exptime", file=path)
     n_cosmic = 0
@@ -1093,7 +1116,7 @@ def _calibrate_light(path: Path, shared: dict) -> tuple:
     write_frame(ccd, shared["out_dir"] / output_name(path))
     return (output_name(path), path.name, band, exptime, calibration.dark_note(exptime),
             int(np.count_nonzero(ccd.mask)), n_cosmic, float(ccd.header["RAWPEAK"]),
-            int(ccd.header["RAWNPEAK"]))
+            int(ccd.header["RAWNPEAK"]), bool(ccd.header["FLATFLD"]))
 
 
 def write_master_darks(master_darks: Mapping[float, CCDData], work_dir: str | Path, *,

@@ -102,6 +102,20 @@ def test_night_without_flats_in_one_filter(night_dir, tmp_path):
         if fits.getval(path, "FILTER") == band:
             path.unlink()
     text = flat(run_chapter_01(night, tmp_path))
-    assert (f"No flats in filter {band}: chapter 02 does not calibrate the science frames of "
-            f"filter {band} and lists them as skipped.") in text
+    assert (f"No flats in filter {band}: chapter 02 calibrates the science frames of filter "
+            f"{band} without a flat and flags them (FLATFLD = F; config.missing_flat)") in text
     assert "Every frame type is present" not in text and "flat frame:" in text
+    # Chapter 02 on the same night: those frames are calibrated, flagged and listed.
+    out = flat(execute_printed(REPO / "notebooks" / "02-pre-reduction.ipynb",
+                               tmp_path / "executed",
+                               {"DATARED_DATA_DIR": str(night),
+                                "DATARED_WORK_DIR": str(tmp_path / "work")},
+                               max_width=100, hidden=(night, tmp_path)))
+    unflat = [p.name for p in (night / "LIGHT").glob("*.fits")
+              if fits.getval(p, "FILTER") == band]
+    assert f"filter {band}: science frames but no master flat; they are calibrated" in out
+    assert f"Note: {len(unflat)} frame(s) in filter(s) {band} have no master flat" in out
+    assert f"{N_LIGHTS} frames calibrated, 0 skipped" in out
+    for name in unflat:
+        header = fits.getheader(tmp_path / "work" / "LIGHT_PRERED" / name)
+        assert header["FLATFLD"] is False and "NOT flat-fielded" in str(header["HISTORY"])

@@ -401,6 +401,27 @@ def test_lights_without_flats_are_listed_not_dropped(tmp_path):
     summary = red.summary_table({"light": 4}, frames_done={"light": len(table)},
                                 skip_logs={"light": light_log})
     assert list(summary["skipped"]) == [2] and "no master flat" in summary["why skipped"][0]
+    assert 'missing_flat = "unflattened"' in skipped["M37_r_000.fits"]  # the fix is named
+
+
+def test_lights_without_flats_can_be_calibrated_unflattened(tmp_path):
+    night = make_night(tmp_path / "night", flat_bands=("g",), light_bands=("g", "r"))
+    cal, table, light_log, _ = reduce_mini_night(night, tmp_path / "work")
+    work = tmp_path / "work" / "LIGHT_PRERED"
+    table, light_log = red.calibrate_lights(sorted((night / "LIGHT").glob("*.fits")), cal, work,
+                                            saturation_adu=60000.0, missing_flat="unflattened")
+    assert len(table) == 4 and len(light_log) == 0
+    flagged = dict(zip(table["file"], table["flat_fielded"], strict=True))
+    assert flagged == {"M37_g_000.fits": True, "M37_g_001.fits": True,
+                       "M37_r_000.fits": False, "M37_r_001.fits": False}
+    raw = fits.getdata(night / "LIGHT" / "M37_r_000.fits").astype(np.float32)
+    header = fits.getheader(work / "M37_r_000.fits")
+    assert header["FLATFLD"] is False and "NOT flat-fielded" in str(header["HISTORY"])
+    expected = raw - cal.offset(header["EXPTIME"])  # bias and dark only
+    np.testing.assert_allclose(fits.getdata(work / "M37_r_000.fits"), expected, rtol=1e-6)
+    assert fits.getheader(work / "M37_g_000.fits")["FLATFLD"] is True
+    with pytest.raises(ValueError, match="missing_flat = 'maybe'"):
+        red.calibrate_lights([], cal, work, missing_flat="maybe")
 
 
 def test_unreadable_frames_are_skipped_with_a_reason(tmp_path):
