@@ -33,7 +33,7 @@ from astropy.stats import mad_std
 from astropy.table import Table
 from astropy.wcs import FITSFixedWarning
 
-from datared.errors import FRAME_ERRORS, FrameError
+from datared.errors import FRAME_ERRORS, FrameError, MissingInputError
 from datared.frame import (
     NINA_KEYS,
     HeaderKeys,
@@ -904,6 +904,105 @@ def build_master_bias(paths: Iterable[str | Path], *, scratch_dir: str | Path,
         return combine_files(staged, memory_budget=memory_budget), log
     finally:
         remove_scratch(scratch_dir)
+
+
+def stand_in_bias(dark_paths: Iterable[str | Path], light_paths: Iterable[str | Path], *,
+                  scratch_dir: str | Path, memory_budget: float, keys: HeaderKeys = NINA_KEYS,
+                  overscan_section: str | None = None,
+                  trim_section: str | None = None) -> tuple[CCDData, str]:
+    """What stands in for the master bias on a night without bias frames, and how it was made.
+
+    In order of preference:
+
+    1. An overscan section is set: the overscan already removed the bias level of each
+       frame and row, so the stand-in is zero (a fixed bias pattern in the image area, if
+       the camera has one, stays in the frames).
+    2. Dark frames: a dark holds the bias plus the dark current. With darks of two or more
+       exposure times, the bias of each pixel is the intercept of a straight line through
+       their master darks against exposure time. With one exposure time, that master dark
+       is the stand-in: frames of the same exposure are then corrected exactly (bias and dark
+       current at once), flats and frames of other exposures keep the difference in dark
+       current (small against a flat's signal).
+    3. Neither: a constant pedestal, the lowest 0.1st percentile of the science frames (at
+       most 10 are read). It includes part of the darkest sky, a constant that the photometry's
+       background subtraction removes; the fixed bias pattern and the dark current stay.
+
+    Parameters
+    ----------
+    dark_paths, light_paths : raw dark and science frames.
+    scratch_dir, memory_budget : as for :func:`build_master_darks`.
+    keys, overscan_section, trim_section : as for :func:`build_master_darks`.
+
+    Returns the stand-in master bias (float32 ADU, ``NCOMBINE = 0``, ``BIASSRC`` saying
+    which) and a sentence for the chapter. Raises :class:`MissingInputError` when no dark or
+    science frame can be read to measure it.
+    """
+    dark_paths, light_paths = list(dark_paths), list(light_paths)
+    shape = None
+    for path in [*light_paths, *dark_paths]:
+        try:
+            shape = read_raw(path, overscan_section=overscan_section,
+                             trim_section=trim_section).data.shape
+            break
+        except FRAME_ERRORS:
+            continue
+    if shape is None:
+        raise MissingInputError("no bias frames, and no dark or science frame can be read to "
+                                "stand in for them: check config.data_dir and config.imagetyp")
+    bias = None
+    if overscan_section:
+        bias = np.zeros(shape, np.float32)
+        source = "overscan"
+        note = ("No bias frames: the overscan (config.overscan_section) removes the bias level "
+                "of every frame and row, so the stand-in master bias is zero; a fixed bias "
+                "pattern in the image area, if the camera has one, stays in the frames.")
+    elif dark_paths:
+        raw_darks, _ = build_master_darks(dark_paths, np.zeros(shape, np.float32),
+                                          scratch_dir=scratch_dir, memory_budget=memory_budget,
+                                          keys=keys, overscan_section=overscan_section,
+                                          trim_section=trim_section)
+        times = sorted(raw_darks)
+        if len(times) >= 2:
+            t = np.asarray(times, float)
+            mean_t = t.mean()
+            mean_dark = np.mean([raw_darks[x].data for x in times], axis=0, dtype=np.float64)
+            slope = sum((ti - mean_t) * (raw_darks[x].data - mean_dark)
+                        for ti, x in zip(t, times, strict=True)) / np.sum((t - mean_t) ** 2)
+            bias = (mean_dark - slope * mean_t).astype(np.float32)
+            source = "darks-intercept"
+            note = ("No bias frames: the bias of each pixel is the intercept of its master darks "
+                    f"({', '.join(f'{x:g}' for x in times)} s) against exposure time.")
+        elif times:
+            bias = np.asarray(raw_darks[times[0]].data, np.float32)
+            source = f"dark-{times[0]:g}s"
+            note = (f"No bias frames: the master dark of {times[0]:g} s (bias plus its dark "
+                    f"current) stands in for the bias. Frames of {times[0]:g} s are corrected "
+                    "exactly; flats and other exposure times keep the difference in dark "
+                    "current, small against a flat's signal.")
+    if bias is None:
+        levels = []
+        for path in light_paths[:10]:
+            try:
+                data = read_raw(path, overscan_section=overscan_section,
+                                trim_section=trim_section).data
+            except FRAME_ERRORS:
+                continue
+            levels.append(float(np.nanpercentile(data[::2, ::2], 0.1)))
+        if not levels:
+            raise MissingInputError("no bias or dark frames, and no science frame can be read "
+                                    "to measure a pedestal: check config.data_dir")
+        pedestal = min(levels)
+        bias = np.full(shape, pedestal, np.float32)
+        source = "pedestal"
+        note = (f"Warning: no bias, dark or overscan. A constant pedestal of {pedestal:.1f} ADU "
+                "(the lowest 0.1st percentile of the science frames) stands in for the bias. "
+                "It includes part of the sky, a constant that the background subtraction "
+                "removes, but the fixed bias pattern and the dark current stay in the frames, "
+                "and the flats are normalised slightly wrong: take bias frames.")
+    master = CCDData(bias, unit="adu", meta=fits.Header())
+    master.header["NCOMBINE"] = (0, "no bias frame combined: a stand-in (datared)")
+    master.header["BIASSRC"] = (source, "what stands in for the master bias (datared)")
+    return master, note
 
 
 def build_master_darks(paths: Iterable[str | Path], master_bias: np.ndarray, *,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import numpy as np
 from astropy.io import fits
 
 from tests.building import execute_printed
@@ -68,7 +69,7 @@ def test_night_without_bias_and_flats(night_dir, tmp_path):
     night = odd_night(night_dir, tmp_path / "night", drop=("BIAS", "FLAT"))
     text = flat(run_chapter_01(night, tmp_path))
     assert "bias BIAS 0" in text and "flat FLAT 0" in text
-    assert "No bias frames: chapter 02 stops at its first step and asks for bias frames." in text
+    assert "No bias frames: chapter 02 makes a stand-in master bias" in text
     assert "No flat frames: chapter 02 has no master flat in any filter and stops" in text
     assert "No readable bias frame in this night: section 4.1 is skipped." in text
     assert "No readable flat frame in this night: section 4.3 is skipped." in text
@@ -119,3 +120,28 @@ def test_night_without_flats_in_one_filter(night_dir, tmp_path):
     for name in unflat:
         header = fits.getheader(tmp_path / "work" / "LIGHT_PRERED" / name)
         assert header["FLATFLD"] is False and "NOT flat-fielded" in str(header["HISTORY"])
+
+
+def test_night_without_bias_gets_a_stand_in_from_the_darks(night_dir, tmp_path):
+    # Chapters 01 and 02 on a night without bias frames: the darks (60 s and 180 s) give the
+    # bias as their intercept, which must match the master bias of the real bias frames.
+    night = odd_night(night_dir, tmp_path / "night", drop=("BIAS",))
+    text = flat(run_chapter_01(night, tmp_path))
+    assert "bias BIAS 0" in text and "No bias frames: chapter 02 makes a stand-in" in text
+    out = flat(execute_printed(REPO / "notebooks" / "02-pre-reduction.ipynb",
+                               tmp_path / "executed",
+                               {"DATARED_DATA_DIR": str(night),
+                                "DATARED_WORK_DIR": str(tmp_path / "work")},
+                               max_width=100, hidden=(night, tmp_path)))
+    assert "No readable bias frame" in out and "nothing to combine" in out
+    assert "the bias of each pixel is the intercept of its master darks" in out
+    assert f"{N_LIGHTS} frames calibrated, 0 skipped" in out
+    stand_in = fits.getdata(tmp_path / "work" / "masterbias.fits").astype(float)
+    assert fits.getheader(tmp_path / "work" / "masterbias.fits")["BIASSRC"] == "darks-intercept"
+    real = np.median([fits.getdata(p).astype(float)
+                      for p in sorted((night_dir / "BIAS").glob("*.fits"))[:9]], axis=0)
+    difference = stand_in - real
+    # The level to a small fraction of the read noise (about 4 ADU); per pixel, the noise of
+    # an intercept of averaged darks.
+    assert abs(np.median(difference)) < 0.5, f"level off by {np.median(difference):.2f} ADU"
+    assert np.std(difference) < 5.0

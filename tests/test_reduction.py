@@ -714,3 +714,26 @@ def test_calibrated_frames_record_the_raw_peak(tmp_path):
     ccd = red.calibrate_frame(tmp_path / "light.fits", calibration, saturation_adu=60000)
     assert ccd.header["RAWPEAK"] == 65535 and ccd.header["RAWNPEAK"] == 7
     assert ccd.mask.sum() == 7
+
+
+def test_stand_in_bias_from_one_dark_exposure_and_from_a_pedestal(tmp_path):
+    night = make_night(tmp_path / "night")
+    darks = sorted((night / "DARK").glob("*.fits"))
+    lights = sorted((night / "LIGHT").glob("*.fits"))
+    kwargs = {"scratch_dir": tmp_path / "scratch", "memory_budget": BIG}
+    # One dark exposure (60 s): that master dark is the stand-in (bias plus 60 s of dark).
+    stand_in, note = red.stand_in_bias(darks, lights, **kwargs)
+    assert stand_in.header["BIASSRC"] == "dark-60s" and stand_in.header["NCOMBINE"] == 0
+    assert "master dark of 60 s" in note
+    expected = true_bias() + true_dark_rate() * 60.0
+    assert abs(np.median(stand_in.data - expected)) < 0.5
+    # Neither darks nor an overscan: a constant pedestal from the science frames, a warning.
+    pedestal, note = red.stand_in_bias([], lights, **kwargs)
+    assert pedestal.header["BIASSRC"] == "pedestal" and note.startswith("Warning")
+    assert np.ptp(pedestal.data) == 0
+    assert np.median(true_bias()) < pedestal.data[0, 0] < np.median(true_bias()) + 300
+    # An overscan removes the level already: the stand-in is zero.
+    zero, note = red.stand_in_bias(darks, lights, overscan_section="[1:4, :]", **kwargs)
+    assert zero.header["BIASSRC"] == "overscan" and not zero.data.any()
+    with pytest.raises(MissingInputError, match="no dark or science frame can be read"):
+        red.stand_in_bias([], [tmp_path / "missing.fits"], **kwargs)
