@@ -70,7 +70,7 @@ def test_night_without_bias_and_flats(night_dir, tmp_path):
     text = flat(run_chapter_01(night, tmp_path))
     assert "bias BIAS 0" in text and "flat FLAT 0" in text
     assert "No bias frames: chapter 02 makes a stand-in master bias" in text
-    assert "No flat frames: chapter 02 has no master flat in any filter and stops" in text
+    assert "No flat frames: chapter 02 has no master flat in any filter. It calibrates" in text
     assert "No readable bias frame in this night: section 4.1 is skipped." in text
     assert "No readable flat frame in this night: section 4.3 is skipped." in text
     assert "the measurement is skipped" in text  # no bias pair for the read noise
@@ -145,3 +145,21 @@ def test_night_without_bias_gets_a_stand_in_from_the_darks(night_dir, tmp_path):
     # an intercept of averaged darks.
     assert abs(np.median(difference)) < 0.5, f"level off by {np.median(difference):.2f} ADU"
     assert np.std(difference) < 5.0
+
+
+def test_night_of_only_science_frames_is_calibrated_with_a_pedestal(night_dir, tmp_path):
+    # No bias, dark or flat frames: chapter 02 measures a pedestal, warns, and calibrates
+    # every science frame without a flat, flagged.
+    night = odd_night(night_dir, tmp_path / "night", drop=("BIAS", "DARK", "FLAT"))
+    run_chapter_01(night, tmp_path)
+    out = flat(execute_printed(REPO / "notebooks" / "02-pre-reduction.ipynb",
+                               tmp_path / "executed",
+                               {"DATARED_DATA_DIR": str(night),
+                                "DATARED_WORK_DIR": str(tmp_path / "work")},
+                               max_width=100, hidden=(night, tmp_path)))
+    assert "Warning: no bias, dark or overscan. A constant pedestal of" in out
+    assert f"{N_LIGHTS} frames calibrated, 0 skipped" in out
+    assert f"Note: {N_LIGHTS} frame(s) in filter(s)" in out
+    assert fits.getheader(tmp_path / "work" / "masterbias.fits")["BIASSRC"] == "pedestal"
+    for path in (tmp_path / "work" / "LIGHT_PRERED").glob("*.fits"):
+        assert fits.getheader(path)["FLATFLD"] is False
